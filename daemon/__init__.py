@@ -1,0 +1,3 @@
+"""qnetd: the control daemon of quantum-network testbeds."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,293 @@
+"""Configuration: TOML, validated completely before any device is touched.
+
+Every problem is reported with its TOML key path and what is allowed, all at once (not the first only).
+The embedded default, ``config/sim.toml`` (the simulated testbed), ships inside the package as
+``daemon.embedded/sim.toml``. docs/configuration.md documents every key; :func:`schema_doc` generates the
+tables it shows.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from daemon.api.protocol import EndpointError, check_endpoint
+from drivers import registry
+from drivers.base import Device
+from drivers.params import REQUIRED, Field, ParamError, check_value
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+
+DAEMON_FIELDS: dict[str, Field] = {
+    "control": Field(str, "tcp://127.0.0.1:5555", doc="ROUTER endpoint for JSON-RPC control (loopback or ipc only)"),
+    "publish": Field(str, "tcp://127.0.0.1:5556", doc="PUB endpoint for published topics (loopback or ipc only)"),
+    "log_format": Field(str, "auto", choices=("auto", "console", "json"), doc="auto: console on a TTY, JSON lines otherwise"),
+    "log_level": Field(str, "info", choices=("debug", "info", "warning", "error"), doc="lowest level logged"),
+    "max_request_bytes": Field(int, 1_048_576, unit="bytes", min=1024, max=256 * 1_048_576, doc="larger requests get -32600"),
+    "max_requests_in_flight": Field(int, 256, min=1, max=100_000, doc="more concurrent requests get -32003 busy"),
+    "health_interval_s": Field(float, 5.0, unit="s", min=0.1, max=3600, doc="period of the `daemon` topic"),
+    "shutdown_timeout_s": Field(float, 8.0, unit="s", min=0.5, max=60, doc="total time allowed for safe states and close on stop"),
+}
+
+SUPERVISOR_FIELDS: dict[str, Field] = {
+    "connect_timeout_s": Field(float, 10.0, unit="s", min=0.01, max=600, doc="a connect that takes longer is a fault"),
+    "call_timeout_s": Field(float, 5.0, unit="s", min=0.01, max=3600, doc="a device call that takes longer is a fault"),
+    "backoff_initial_s": Field(float, 1.0, unit="s", min=0.0, max=3600, doc="delay before the first reconnect"),
+    "backoff_factor": Field(float, 2.0, min=1.0, max=10, doc="each further attempt waits this much longer"),
+    "backoff_max_s": Field(float, 60.0, unit="s", min=0.0, max=86400, doc="cap on the reconnect delay"),
+}
+
+ACQUISITION_FIELDS: dict[str, Field] = {
+    "tagger": Field(str, "", doc="device name of the time tagger to stream from; empty: the only one configured"),
+    "counts_interval_s": Field(float, 1.0, unit="s", min=0.001, max=3600, doc="integration time of the `counts` topic (tagger time)"),
+    "read_timeout_s": Field(float, 0.25, unit="s", min=0.001, max=60, doc="how long one stream read may wait for tags"),
+}
+
+DEVICE_FIELDS: dict[str, Field] = {
+    "driver": Field(str, doc="driver entry-point name (qnetd drivers lists them)"),
+    "enabled": Field(bool, True, doc="false: keep the device in the config but do not start it"),
+    "options": Field(dict, {}, doc="driver options (see the driver's documentation)"),
+    "limits": Field(dict, {}, doc="safety limits, NAME = [min, max] in the limit's unit"),
+    **{k: Field(v.type, None, unit=v.unit, min=v.min, max=v.max, doc="overrides [supervisor] for this device")
+       for k, v in SUPERVISOR_FIELDS.items()},
+}
+
+RESERVED_NAMES = {"daemon", "acquisition", "analysis", "counts", "keys", "qkd", "control", "histogram", "device"}
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class ConfigError(Exception):
+    """One or more config problems; ``errors`` lists each with its key path."""
+
+    def __init__(self, errors: list[ParamError], source: str = "config") -> None:
+        self.errors = errors
+        self.source = source
+        super().__init__(f"{source}: {len(errors)} problem(s)\n" + "\n".join(f"  {e}" for e in errors))
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    connect_timeout_s: float
+    call_timeout_s: float
+    backoff_initial_s: float
+    backoff_factor: float
+    backoff_max_s: float
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    name: str
+    driver: str
+    driver_cls: type[Device]
+    options: dict[str, Any]
+    limits: dict[str, tuple[float, float]]
+    supervisor: SupervisorConfig
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: dict[str, Any]
+    supervisor: SupervisorConfig
+    acquisition: dict[str, Any]
+    devices: dict[str, DeviceConfig]
+    source: str = "config"
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def tagger(self) -> str | None:
+        """Name of the streaming time tagger, or None if the config has none."""
+        return self.acquisition["tagger"] or None
+
+
+def _table(raw: Any, schema: dict[str, Field], path: str, errors: list[ParamError]) -> dict[str, Any]:
+    """Validate one TOML table against a schema: unknown keys, missing keys, each value."""
+    if not isinstance(raw, dict):
+        errors.append(ParamError(path, f"expected a table, got {type(raw).__name__}"))
+        return {k: f.default for k, f in schema.items()}
+    out: dict[str, Any] = {}
+    for key in raw:
+        if key not in schema:
+            errors.append(ParamError(_join(path, key), "unknown key", "one of " + ", ".join(sorted(schema))))
+    for key, fld in schema.items():
+        kp = _join(path, key)
+        if key not in raw:
+            if fld.default is REQUIRED:
+                errors.append(ParamError(kp, "missing", fld.allowed()))
+            out[key] = fld.default
+            continue
+        try:
+            out[key] = check_value(raw[key], fld, kp)
+        except ParamError as e:
+            errors.append(e)
+            out[key] = fld.default
+    return out
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _limits(raw: dict[str, Any], cls: type[Device], path: str, errors: list[ParamError]) -> dict[str, tuple[float, float]]:
+    out = {}
+    known = cls.limits
+    for key, value in raw.items():
+        kp = _join(path, key)
+        if key not in known:
+            allowed = ", ".join(sorted(known)) or "none (this driver has no limits)"
+            errors.append(ParamError(kp, "unknown limit", allowed))
+            continue
+        unit = known[key].unit or ""
+        ok = (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and value[0] <= value[1]
+        )
+        if not ok:
+            errors.append(ParamError(kp, f"expected [min, max], got {value!r}", f"two numbers min <= max ({unit})"))
+            continue
+        out[key] = (float(value[0]), float(value[1]))
+    for key in cls.required_limits:
+        if key not in out and key not in raw:
+            unit = known[key].unit if key in known else ""
+            errors.append(
+                ParamError(_join(path, key), f"missing: a {cls.kind} must have this safety limit", f"[min, max] in {unit}")
+            )
+    return out
+
+
+def _device(name: str, raw: Any, sup: dict[str, Any], errors: list[ParamError]) -> DeviceConfig | None:
+    path = f"devices.{name}"
+    if not NAME_RE.match(name) or name in RESERVED_NAMES:
+        errors.append(
+            ParamError(path, f"invalid device name {name!r}", "lower-case letters, digits and _, starting with a letter, "
+                       f"at most 32 characters, not one of {', '.join(sorted(RESERVED_NAMES))}")
+        )
+        return None
+    n_before = len(errors)
+    table = _table(raw, DEVICE_FIELDS, path, errors)
+    if len(errors) > n_before and "driver" not in (raw if isinstance(raw, dict) else {}):
+        return None
+    driver = table["driver"]
+    if not isinstance(driver, str) or driver is REQUIRED:
+        return None
+    try:
+        cls = registry.load(driver)
+    except registry.DriverNotFound:
+        errors.append(ParamError(f"{path}.driver", f"no driver named {driver!r} is installed",
+                                 "one of " + ", ".join(sorted(registry.available()))))
+        return None
+    except Exception as e:  # a broken third-party driver package must not crash validation
+        errors.append(ParamError(f"{path}.driver", f"driver {driver!r} failed to load: {e}"))
+        return None
+    opts_errors: list[ParamError] = []
+    options = _table(table["options"], cls.options, f"{path}.options", opts_errors)
+    if not opts_errors:
+        for e in cls.check_options(options):
+            opts_errors.append(ParamError(f"{path}.options.{e.path}", e.message, e.allowed))
+    errors.extend(opts_errors)
+    limits = _limits(table["limits"], cls, f"{path}.limits", errors)
+    merged = {k: (table[k] if table[k] is not None else sup[k]) for k in SUPERVISOR_FIELDS}
+    return DeviceConfig(name, driver, cls, options, limits, SupervisorConfig(**merged), table["enabled"])
+
+
+TOP_LEVEL = {"daemon", "supervisor", "acquisition", "devices"}
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    errors: list[ParamError] = []
+    for key in raw:
+        if key not in TOP_LEVEL:
+            errors.append(ParamError(key, "unknown section", "one of " + ", ".join(sorted(TOP_LEVEL))))
+    daemon = _table(raw.get("daemon", {}), DAEMON_FIELDS, "daemon", errors)
+    for key in ("control", "publish"):
+        if isinstance(daemon[key], str):
+            try:
+                check_endpoint(daemon[key])
+            except EndpointError as e:
+                errors.append(ParamError(f"daemon.{key}", str(e)))
+    if daemon["control"] == daemon["publish"]:
+        errors.append(ParamError("daemon.publish", "is the same endpoint as daemon.control", "a different endpoint"))
+    sup = _table(raw.get("supervisor", {}), SUPERVISOR_FIELDS, "supervisor", errors)
+    acq = _table(raw.get("acquisition", {}), ACQUISITION_FIELDS, "acquisition", errors)
+    devices_raw = raw.get("devices", {})
+    devices: dict[str, DeviceConfig] = {}
+    if not isinstance(devices_raw, dict):
+        errors.append(ParamError("devices", "expected a table of devices ([devices.NAME])"))
+    else:
+        for name, table in devices_raw.items():
+            dev = _device(name, table, sup, errors)
+            if dev is not None:
+                devices[name] = dev
+    # the streaming tagger
+    taggers = [d.name for d in devices.values() if d.driver_cls.kind == "time_tagger" and d.enabled]
+    if acq["tagger"]:
+        if acq["tagger"] not in devices and acq["tagger"] not in (devices_raw if isinstance(devices_raw, dict) else {}):
+            errors.append(ParamError("acquisition.tagger", f"no device named {acq['tagger']!r}",
+                                     "one of " + (", ".join(taggers) or "(no time tagger configured)")))
+        elif acq["tagger"] in devices and acq["tagger"] not in taggers:
+            errors.append(ParamError("acquisition.tagger", f"{acq['tagger']!r} is not an enabled time tagger",
+                                     "one of " + (", ".join(taggers) or "(none)")))
+    elif len(taggers) == 1:
+        acq["tagger"] = taggers[0]
+    elif len(taggers) > 1:
+        errors.append(ParamError("acquisition.tagger", "several time taggers are configured: name the one to stream from",
+                                 "one of " + ", ".join(taggers)))
+    if errors:
+        raise ConfigError(errors, source)
+    return Config(daemon, SupervisorConfig(**sup), acq, devices, source, raw)
+
+
+def parse(text: str, source: str = "config") -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([ParamError(source, f"not valid TOML: {e}")], source) from None
+
+
+def default_config_text() -> str:
+    """The embedded default config (the simulated testbed)."""
+    return resources.files("daemon.embedded").joinpath("sim.toml").read_text(encoding="utf-8")
+
+
+DEFAULT_SOURCE = "<embedded config/sim.toml>"
+
+
+def load(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read, merge command-line overrides into, and validate a config file (None: the embedded default)."""
+    if path is None:
+        text, source = default_config_text(), DEFAULT_SOURCE
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError([ParamError(source, f"cannot read: {e.strerror or e}")], source) from None
+        except UnicodeDecodeError as e:
+            raise ConfigError([ParamError(source, f"not UTF-8 text: {e}")], source) from None
+    raw = parse(text, source)
+    for section, values in (overrides or {}).items():
+        if values:
+            table = raw.setdefault(section, {})
+            if isinstance(table, dict):
+                table.update(values)
+    return validate(raw, source)
+
+
+def schema_doc() -> str:
+    """Markdown tables of every section's keys (used to write docs/configuration.md)."""
+    out = []
+    for title, schema in (("[daemon]", DAEMON_FIELDS), ("[supervisor]", SUPERVISOR_FIELDS),
+                          ("[acquisition]", ACQUISITION_FIELDS), ("[devices.NAME]", DEVICE_FIELDS)):
+        out.append(f"### {title}\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|")
+        for key, f in schema.items():
+            default = "required" if f.default is REQUIRED else ("" if f.default is None else repr(f.default))
+            out.append(f"| `{key}` | {f.describe()['type']} | {default} | {f.allowed()} | {f.doc} |")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""Files shipped inside the package: sim.toml is config/sim.toml (a symlink), the embedded default."""

@@ -1,0 +1,191 @@
+"""Typed, unit-carrying parameters: one description serves config options and RPC parameters.
+
+A :class:`Field` says what a value may be (type, unit, range, choices) and documents it. The daemon uses
+the same object to validate a TOML option, to validate an RPC parameter, and to describe both to clients
+(``daemon.describe``), so the check and its documentation cannot drift apart.
+
+RPC parameters are declared on driver methods with ``typing.Annotated``::
+
+    @exposed
+    def set_current(self, milliamps: Annotated[float, Field(unit="mA", min=0, limit="current_ma")]) -> None:
+        ...
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Field", "ParamError", "REQUIRED", "check_value", "type_name"]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Field:
+    """What a value may be.
+
+    ``type`` and ``default`` matter for options (an RPC parameter takes them from the method signature).
+    ``limit`` names a configurable safety limit (``[devices.X.limits] NAME = [min, max]``) that the daemon
+    enforces before the call reaches the device.
+    """
+
+    type: Any = None
+    default: Any = REQUIRED
+    unit: str | None = None
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] | None = None
+    limit: str | None = None
+    doc: str = ""
+
+    def describe(self, typ: Any = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": type_name(typ if typ is not None else self.type)}
+        for key in ("unit", "min", "max", "limit"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        if self.doc:
+            out["doc"] = self.doc
+        return out
+
+    def allowed(self, typ: Any = None) -> str:
+        """A short human sentence of what is allowed, for error messages."""
+        typ = typ if typ is not None else self.type
+        text = type_name(typ)
+        if self.choices is not None:
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        bounds = []
+        if self.min is not None:
+            bounds.append(f">= {self.min:g}")
+        if self.max is not None:
+            bounds.append(f"<= {self.max:g}")
+        if bounds:
+            text += " " + " and ".join(bounds)
+        if self.unit:
+            text += f" (in {self.unit})"
+        return text
+
+
+class ParamError(ValueError):
+    """A value that does not fit its Field. ``path`` names the key or parameter."""
+
+    def __init__(self, path: str, message: str, allowed: str | None = None) -> None:
+        self.path = path
+        self.message = message
+        self.allowed = allowed
+        text = f"{path}: {message}"
+        if allowed:
+            text += f"; allowed: {allowed}"
+        super().__init__(text)
+
+
+_SCALARS = {float: "number", int: "integer", bool: "boolean", str: "string"}
+
+
+def _unwrap_optional(typ: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(typ)) == 2:
+            return args[0], True
+    return typ, False
+
+
+def type_name(typ: Any) -> str:
+    """The wire name of a Python type: number, integer, boolean, string, array of ..., object."""
+    if typ is None or typ is Any:
+        return "any"
+    inner, optional = _unwrap_optional(typ)
+    if optional:
+        return type_name(inner) + " or null"
+    if inner in _SCALARS:
+        return _SCALARS[inner]
+    origin = typing.get_origin(inner)
+    if origin is list:
+        (item,) = typing.get_args(inner) or (Any,)
+        return f"array of {type_name(item)}"
+    if inner is dict or origin is dict:
+        return "object"
+    return getattr(inner, "__name__", str(inner))
+
+
+def _check_type(value: Any, typ: Any, path: str, field: Field) -> Any:
+    if typ is None or typ is Any:
+        return value
+    inner, optional = _unwrap_optional(typ)
+    if value is None:
+        if optional:
+            return None
+        raise ParamError(path, "must not be null", field.allowed(typ))
+    typ = inner
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ParamError(path, f"expected a boolean, got {_show(value)}", field.allowed(typ))
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ParamError(path, f"expected an integer, got {_show(value)}", field.allowed(typ))
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamError(path, f"expected a number, got {_show(value)}", field.allowed(typ))
+        value = float(value)
+        if not math.isfinite(value):
+            raise ParamError(path, f"expected a finite number, got {value}", field.allowed(typ))
+        return value
+    if typ is str:
+        if not isinstance(value, str):
+            raise ParamError(path, f"expected a string, got {_show(value)}", field.allowed(typ))
+        return value
+    origin = typing.get_origin(typ)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamError(path, f"expected an array, got {_show(value)}", field.allowed(typ))
+        (item,) = typing.get_args(typ) or (Any,)
+        plain = Field()
+        return [_check_type(v, item, f"{path}[{i}]", plain) for i, v in enumerate(value)]
+    if typ is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ParamError(path, f"expected a table/object, got {_show(value)}", field.allowed(typ))
+        return value
+    raise TypeError(f"{path}: unsupported parameter type {typ!r}")
+
+
+def _show(value: Any) -> str:
+    name = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{name} {text}"
+
+
+def check_value(value: Any, field: Field, path: str, typ: Any = None) -> Any:
+    """Validate (and lightly coerce: int to float, integral float to int) ``value`` against ``field``."""
+    typ = typ if typ is not None else field.type
+    value = _check_type(value, typ, path, field)
+    if field.choices is not None and value not in field.choices:
+        raise ParamError(path, f"{value!r} is not allowed", field.allowed(typ))
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            if field.min is not None and item < field.min:
+                raise ParamError(path, f"{item!r} is below the minimum", field.allowed(typ))
+            if field.max is not None and item > field.max:
+                raise ParamError(path, f"{item!r} is above the maximum", field.allowed(typ))
+    return value
