@@ -1,0 +1,251 @@
+"""Python client for experiment scripts: blocking :class:`Client` and :class:`AsyncClient`.
+
+    from daemon.client import Client
+
+    with Client() as qnet:                                  # tcp://127.0.0.1:5555 / :5556
+        qnet.call("pump.set_current", milliamps=40.0)
+        for msg in qnet.subscribe("counts", count=3):
+            print(msg["rates_hz"])
+
+A daemon error is raised as a subclass of :class:`~daemon.api.errors.RpcError` (``LimitExceeded``,
+``DeviceUnavailable``, ``InvalidParams``, ...) carrying ``code``, ``message`` and ``data``. No answer within
+the timeout raises :class:`NoReply`. A client object is not thread-safe: use one per thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import time
+from typing import Any, AsyncIterator, Iterator
+
+import zmq
+import zmq.asyncio
+
+from daemon.api import errors
+from daemon.api.errors import RpcError
+from daemon.api.protocol import Message, decode_message, dumps
+
+DEFAULT_CONTROL = "tcp://127.0.0.1:5555"
+DEFAULT_PUBLISH = "tcp://127.0.0.1:5556"
+
+__all__ = ["AsyncClient", "Client", "Message", "NoReply", "RpcError", "errors"]
+
+
+class NoReply(TimeoutError):
+    """No daemon answered within the timeout (not running, wrong endpoint, or overloaded)."""
+
+
+class _Common:
+    def __init__(self, control: str | None, publish: str | None, timeout: float) -> None:
+        self.control = control or os.environ.get("QNETD_CONTROL", DEFAULT_CONTROL)
+        self.publish = publish or os.environ.get("QNETD_PUBLISH", DEFAULT_PUBLISH)
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+
+    def _request(self, method: str, params: dict[str, Any] | None) -> tuple[int, bytes]:
+        rid = next(self._ids)
+        req: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
+        if params:
+            req["params"] = params
+        return rid, dumps(req)
+
+    @staticmethod
+    def _match(data: bytes, rid: int) -> tuple[bool, Any]:
+        """(True, result) for the reply to ``rid``; raises its error; (False, None) for a stale reply."""
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            return False, None
+        if not isinstance(reply, dict):
+            return False, None
+        if reply.get("id") != rid:
+            # a reply to an earlier request that timed out, or an error the daemon could not tie to an id
+            if reply.get("id") is None and "error" in reply:
+                raise errors.from_json(reply["error"])
+            return False, None
+        if "error" in reply:
+            raise errors.from_json(reply["error"])
+        return True, reply.get("result")
+
+    @staticmethod
+    def _wanted(topics: tuple[str, ...], topic: str) -> bool:
+        """Exact topics, or prefixes written ``device.*``; nothing given: everything."""
+        if not topics:
+            return True
+        for t in topics:
+            if t.endswith("*") and topic.startswith(t[:-1]):
+                return True
+            if topic == t:
+                return True
+        return False
+
+    @staticmethod
+    def _prefixes(topics: tuple[str, ...]) -> list[bytes]:
+        return [t.rstrip("*").encode() for t in topics] or [b""]
+
+
+class Client(_Common):
+    """Blocking client. ``timeout`` (s) bounds every call unless the call gives its own."""
+
+    def __init__(self, control: str | None = None, publish: str | None = None, timeout: float = 10.0,
+                 context: zmq.Context | None = None) -> None:
+        super().__init__(control, publish, timeout)
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self.control)
+            self._sock = s
+        return self._sock
+
+    def call(self, method: str, /, **params: Any) -> Any:
+        """Call ``method`` with keyword parameters; return its result or raise its RpcError."""
+        return self.call_with(method, params)
+
+    def call_with(self, method: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        """As :meth:`call`, with params as a dict (for names that clash with Python) and a per-call timeout."""
+        sock = self._socket()
+        rid, data = self._request(method, params)
+        sock.send(data)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                # drop the socket: a late reply must not be read as the answer to the next call
+                self._sock.close()
+                self._sock = None
+                raise NoReply(f"no reply from qnetd at {self.control} within {timeout or self.timeout:g} s ({method})")
+            done, result = self._match(sock.recv(), rid)
+            if done:
+                return result
+
+    def describe(self) -> dict[str, Any]:
+        return self.call("daemon.describe")
+
+    def status(self) -> dict[str, Any]:
+        return self.call("daemon.status")
+
+    def subscribe(self, *topics: str, count: int | None = None, timeout: float | None = None) -> Iterator[Message]:
+        """Yield published messages of ``topics`` (exact, or ``prefix*``; none: all).
+
+        Stops after ``count`` messages if given; raises NoReply if nothing arrives for ``timeout`` seconds.
+        """
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        try:
+            for p in self._prefixes(topics):
+                sub.setsockopt(zmq.SUBSCRIBE, p)
+            sub.connect(self.publish)
+            seen = 0
+            while count is None or seen < count:
+                if timeout is not None and not sub.poll(int(timeout * 1000)):
+                    raise NoReply(f"no message on {', '.join(topics) or 'any topic'} from {self.publish} in {timeout:g} s")
+                msg = decode_message(sub.recv_multipart())
+                if self._wanted(topics, msg.topic):
+                    seen += 1
+                    yield msg
+        finally:
+            sub.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncClient(_Common):
+    """asyncio client: ``await call(...)``, ``async for msg in subscribe(...)``. Calls may run concurrently."""
+
+    def __init__(self, control: str | None = None, publish: str | None = None, timeout: float = 10.0,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        super().__init__(control, publish, timeout)
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._pending: dict[int, Any] = {}
+        self._reader: Any = None
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self.control)
+            self._sock = s
+        return self._sock
+
+    async def _read_replies(self) -> None:
+        sock = self._socket()
+        while self._pending:
+            data = await sock.recv()
+            try:
+                reply = json.loads(data)
+            except ValueError:
+                continue
+            fut = self._pending.pop(reply.get("id"), None) if isinstance(reply, dict) else None
+            if fut is not None and not fut.done():
+                fut.set_result(data)
+
+    async def call(self, method: str, /, **params: Any) -> Any:
+        return await self.call_with(method, params)
+
+    async def call_with(self, method: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        sock = self._socket()
+        rid, data = self._request(method, params)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        await sock.send(data)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.ensure_future(self._read_replies())
+        t = self.timeout if timeout is None else timeout
+        try:
+            raw = await asyncio.wait_for(fut, t)
+        except asyncio.TimeoutError:
+            raise NoReply(f"no reply from qnetd at {self.control} within {t:g} s ({method})") from None
+        finally:
+            self._pending.pop(rid, None)
+        return self._match(raw, rid)[1]
+
+    async def subscribe(self, *topics: str, count: int | None = None,
+                        timeout: float | None = None) -> AsyncIterator[Message]:
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        try:
+            for p in self._prefixes(topics):
+                sub.setsockopt(zmq.SUBSCRIBE, p)
+            sub.connect(self.publish)
+            seen = 0
+            while count is None or seen < count:
+                try:
+                    parts = await asyncio.wait_for(sub.recv_multipart(), timeout)
+                except asyncio.TimeoutError:
+                    raise NoReply(f"no message on {', '.join(topics) or 'any topic'} in {timeout:g} s") from None
+                msg = decode_message(parts)
+                if self._wanted(topics, msg.topic):
+                    seen += 1
+                    yield msg
+        finally:
+            sub.close()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
