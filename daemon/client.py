@@ -135,13 +135,20 @@ class Client(_Common):
         """Yield published messages of ``topics`` (exact, or ``prefix*``; none: all).
 
         Stops after ``count`` messages if given; raises NoReply if nothing arrives for ``timeout`` seconds.
+        The socket connects when this is called, so subscribe first, then act. ZeroMQ still needs a few
+        milliseconds to set up a new subscription: for state that may already have been published, ask
+        over RPC (``daemon.status``) rather than wait for a message.
         """
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
+        for p in self._prefixes(topics):
+            sub.setsockopt(zmq.SUBSCRIBE, p)
+        sub.connect(self.publish)  # now, not at the first next(): messages from here on are queued for us
+        return self._receive(sub, topics, count, timeout)
+
+    def _receive(self, sub: zmq.Socket, topics: tuple[str, ...], count: int | None,
+                 timeout: float | None) -> Iterator[Message]:
         try:
-            for p in self._prefixes(topics):
-                sub.setsockopt(zmq.SUBSCRIBE, p)
-            sub.connect(self.publish)
             seen = 0
             while count is None or seen < count:
                 if timeout is not None and not sub.poll(int(timeout * 1000)):

@@ -6,8 +6,9 @@ Delays and jitter move tags out of their block, by at most ``lead_ps`` *before* 
 :class:`BlockStream` keeps a small pending buffer and hands out tags only up to a time that no block not yet
 generated can reach back before.
 
-A tag source (the placeholder :class:`PoissonPairSource` here, the physical bench later) only implements
-``block(k) -> (timestamps int64 ps, channels uint8)``.
+A tag source (the placeholder :class:`PoissonPairSource` here, the physical bench in drivers/sim/bench)
+only implements ``block(k) -> (timestamps int64 ps, channels uint8)``, or ``(timestamps, channels, dropped)``
+where ``dropped > 0`` says the simulated tagger dropped that many tags in block k (its overflow).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class BlockSource(Protocol):
     block_ps: int
     lead_ps: int  # how far before its block's start a tag of the block may land (>= 0)
 
-    def block(self, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def block(self, k: int) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, int]: ...
 
 
 def block_rng(seed: int, k: int) -> np.random.Generator:
@@ -40,6 +41,7 @@ class BlockStream:
         self._ts = np.empty(0, np.int64)
         self._ch = np.empty(0, np.uint8)
         self._emitted_until = 0
+        self._overflows: list[tuple[int, int, int]] = []  # (block start, block end, dropped) not yet reported
 
     def skip_to(self, t: int) -> None:
         """Jump forward to t without generating the blocks in between (a stream restarted after a pause).
@@ -54,15 +56,21 @@ class BlockStream:
         self._ts, self._ch = self._ts[cut:], self._ch[cut:]
         self._emitted_until = t
 
-    def take(self, t_end: int) -> tuple[np.ndarray, np.ndarray]:
-        """All tags in [previous t_end, t_end), sorted by time."""
+    def take(self, t_end: int) -> tuple[np.ndarray, np.ndarray, bool, int]:
+        """All tags in [previous t_end, t_end), sorted by time, with the overflow state of that range.
+
+        Returns ``(timestamps, channels, overflow, dropped)``: ``overflow`` if a block with dropped tags
+        overlaps the range; ``dropped`` counts each such block's drops once, in the first range it overlaps.
+        """
         if t_end < self._emitted_until:
             raise ValueError("BlockStream.take: time went backwards")
         B = self.source.block_ps
         # every block whose tags may land before t_end: block start - lead < t_end
         need = [self._ts], [self._ch]
         while self._next_block * B - self.source.lead_ps < t_end:
-            ts, ch = self.source.block(self._next_block)
+            ts, ch, *rest = self.source.block(self._next_block)
+            if rest and rest[0]:
+                self._overflows.append((self._next_block * B, (self._next_block + 1) * B, int(rest[0])))
             need[0].append(ts)
             need[1].append(ch)
             self._next_block += 1
@@ -76,8 +84,16 @@ class BlockStream:
         cut = int(np.searchsorted(self._ts, t_end, side="left"))
         out_ts, out_ch = self._ts[lo:cut], self._ch[lo:cut]
         self._ts, self._ch = self._ts[cut:], self._ch[cut:]
-        self._emitted_until = t_end
-        return out_ts, out_ch
+        begin, self._emitted_until = self._emitted_until, t_end
+        overflow, dropped, keep = False, 0, []
+        for start, end, n in self._overflows:
+            if start < t_end and end > begin:
+                overflow = True
+                dropped += n  # n is zeroed below once reported, so each block's drops count once
+            if end > t_end:
+                keep.append((start, end, 0))
+        self._overflows = keep
+        return out_ts, out_ch, overflow, dropped
 
 
 class PoissonPairSource:
@@ -100,6 +116,7 @@ class PoissonPairSource:
         resolution_ps: int,
         seed: int,
         block_ps: int = 10_000_000_000,
+        max_rate_hz: float = 0.0,
     ) -> None:
         self.channel_count = channel_count
         self.singles_hz = np.asarray(singles_hz, float)
@@ -110,12 +127,13 @@ class PoissonPairSource:
         self.resolution_ps = int(resolution_ps)
         self.seed = int(seed)
         self.block_ps = int(block_ps)
+        self.max_rate_hz = float(max_rate_hz)
         self._clip = 8.0 * self.jitter_ps  # jitter is clipped at 8 sigma so max_shift is a hard bound
         if len(self.delays_ps) and self.delays_ps.min() < 0:
             raise ValueError("delays_ps must be >= 0")
         self.lead_ps = int(np.ceil(self._clip)) + self.resolution_ps
 
-    def block(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def block(self, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         rng = block_rng(self.seed, k)
         t0 = k * self.block_ps
         seconds = self.block_ps * 1e-12
@@ -136,7 +154,7 @@ class PoissonPairSource:
                 parts_t.append(born + np.rint(jitter).astype(np.int64))
                 parts_c.append(which[:, side].copy())
         if not parts_t:
-            return np.empty(0, np.int64), np.empty(0, np.uint8)
+            return np.empty(0, np.int64), np.empty(0, np.uint8), 0
         ts = np.concatenate(parts_t)
         ch = np.concatenate(parts_c)
         ts = ts + self.delays_ps[ch]
@@ -145,4 +163,11 @@ class PoissonPairSource:
         keep = ts >= 0
         ts, ch = ts[keep], ch[keep]
         order = np.argsort(ts, kind="stable")
-        return ts[order], ch[order]
+        ts, ch = ts[order], ch[order]
+        dropped = 0
+        if self.max_rate_hz > 0:  # the tagger's sustained-rate limit: tags beyond it in a block are lost
+            allowed = int(self.max_rate_hz * seconds)
+            if len(ts) > allowed:
+                dropped = len(ts) - allowed
+                ts, ch = ts[:allowed], ch[:allowed]
+        return ts, ch, dropped

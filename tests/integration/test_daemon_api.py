@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 
 import pytest
 import zmq
@@ -13,6 +14,17 @@ from daemon.api import errors
 from tests.integration.conftest import PUMP, config_text
 
 pytestmark = pytest.mark.integration
+
+
+def wait_state(d, device: str, state: str, timeout: float = 10.0) -> dict:
+    """Poll daemon.status until the device is in ``state`` (published messages may predate a subscription)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = d.client.status()["devices"][device]
+        if status["state"] == state:
+            return status
+        time.sleep(0.02)
+    raise AssertionError(f"{device} never reached {state}: {status}")
 
 
 def raw_request(endpoint: str, payload: bytes, sock_type: int = zmq.DEALER, timeout_ms: int = 5000):
@@ -143,10 +155,7 @@ move_time_s = 1.5
 
     t = threading.Thread(target=slow_move)
     t.start()
-    # wait until the move is in progress (the device turns busy), then ask others
-    for msg in d.client.subscribe("device.pc", timeout=5):
-        if msg["state"] == "busy":
-            break
+    wait_state(d, "pc", "busy")  # the move is in progress; now ask others
     assert d.client.call("pump.status")["output"] is False
     assert d.client.status()["devices"]["pc"]["state"] == "busy"
     order.append("others")
@@ -200,10 +209,7 @@ move_time_s = 5.0
     assert e.value.data["device"] == "pc"
     with pytest.raises(errors.DeviceUnavailable):
         d.client.call("pc.positions")
-    # a fresh driver instance is connected after the backoff
-    for msg in d.client.subscribe("device.pc", timeout=5):
-        if msg["state"] == "ready":
-            break
+    wait_state(d, "pc", "ready")  # a fresh driver instance is connected after the backoff
     assert d.client.call("pc.positions") == [0.0, 0.0, 0.0]
     assert d.client.status()["devices"]["tagger"]["state"] == "ready"
 
