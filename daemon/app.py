@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 import signal
 import time
 from typing import Any
@@ -29,6 +30,7 @@ from daemon.api.rpc import RpcServer
 from daemon.api.topics import describe_topics
 from daemon.config import Config
 from daemon.sdnotify import Notifier, watchdog_interval_s
+from daemon.simulation import SimulationHost
 from daemon.supervisor import DeviceSupervisor
 from drivers.base import DeviceState
 
@@ -52,6 +54,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self.publisher: Publisher | None = None
         self.rpc: RpcServer | None = None
+        self.simulation: SimulationHost | None = None
 
     # -- entry ------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -76,9 +79,24 @@ class Daemon:
         log.info("qnetd starting", version=__version__, config=self.cfg.source, control=d["control"],
                  publish=d["publish"], pid=os.getpid())
         self._register_daemon_methods()
+        if self.cfg.simulation is not None:
+            try:
+                self.simulation = SimulationHost(self.cfg.simulation)
+                self.simulation.start()
+            except Exception as e:  # noqa: BLE001 - e.g. a simulator port in use
+                log.error("cannot start the simulated testbed", error=f"{type(e).__name__}: {e}")
+                if self.simulation is not None:
+                    self.simulation.stop()
+                self.rpc.close()
+                self.publisher.close()
+                ctx.destroy(linger=0)
+                return EX_UNAVAILABLE
+            self.simulation.register(self.table)
         for name, dev in self.cfg.devices.items():
             if not dev.enabled:
                 continue
+            if self.simulation is not None:
+                dev = replace(dev, options=self.simulation.resolve_options(dev.options))
             sup = DeviceSupervisor(dev, self._on_device_state)
             self.supervisors[name] = sup
             self._register_device_methods(sup)
@@ -134,6 +152,8 @@ class Daemon:
             await self.acquisition.stop(timeout=min(2.0, budget / 3))
         left = max(0.5, budget - (time.monotonic() - t0))
         await asyncio.gather(*(s.stop(left) for s in self.supervisors.values()))
+        if self.simulation is not None:
+            self.simulation.stop()  # after the devices: their safe states reach the simulators
         self.state = "stopped"
         self._publish_health()
         if self.rpc is not None:

@@ -56,7 +56,7 @@ DEVICE_FIELDS: dict[str, Field] = {
        for k, v in SUPERVISOR_FIELDS.items()},
 }
 
-RESERVED_NAMES = {"daemon", "acquisition", "analysis", "counts", "keys", "qkd", "control", "histogram", "device"}
+RESERVED_NAMES = {"daemon", "acquisition", "analysis", "counts", "keys", "qkd", "control", "histogram", "device", "sim"}
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -95,6 +95,7 @@ class Config:
     supervisor: SupervisorConfig
     acquisition: dict[str, Any]
     devices: dict[str, DeviceConfig]
+    simulation: Any = None  # daemon.simulation.SimulationConfig when the config runs the simulated testbed
     source: str = "config"
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -196,7 +197,30 @@ def _device(name: str, raw: Any, sup: dict[str, Any], errors: list[ParamError]) 
     return DeviceConfig(name, driver, cls, options, limits, SupervisorConfig(**merged), table["enabled"])
 
 
-TOP_LEVEL = {"daemon", "supervisor", "acquisition", "devices"}
+TOP_LEVEL = {"daemon", "supervisor", "acquisition", "devices", "simulation"}
+
+
+def _simulation(raw: dict[str, Any], devices: dict[str, DeviceConfig], errors: list[ParamError]) -> Any:
+    """Validate [simulation] (if present and enabled) and every sim:// reference in device options."""
+    from daemon import simulation
+
+    table = raw.get("simulation")
+    enabled = table is not None and not (isinstance(table, dict) and table.get("enabled", True) is False)
+    sim = simulation.validate(table, errors) if enabled else None
+    if enabled and sim is None:
+        return None  # [simulation] itself is invalid: already reported, references cannot be checked
+    known = (set(sim.instruments) | {simulation.BENCH}) if sim is not None else set()
+    for dev in devices.values():
+        for key, value in dev.options.items():
+            for ref in simulation.sim_references(value):
+                path = f"devices.{dev.name}.options.{key}"
+                if sim is None:
+                    errors.append(ParamError(path, f"refers to sim://{ref} but the config has no enabled [simulation]",
+                                             "a real address, or an enabled [simulation] table"))
+                elif ref not in known:
+                    errors.append(ParamError(path, f"no simulated instrument named {ref!r}",
+                                             "one of " + ", ".join(f"sim://{k}" for k in sorted(known))))
+    return sim
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> Config:
@@ -239,9 +263,10 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
     elif len(taggers) > 1:
         errors.append(ParamError("acquisition.tagger", "several time taggers are configured: name the one to stream from",
                                  "one of " + ", ".join(taggers)))
+    sim = _simulation(raw, devices, errors)
     if errors:
         raise ConfigError(errors, source)
-    return Config(daemon, SupervisorConfig(**sup), acq, devices, source, raw)
+    return Config(daemon, SupervisorConfig(**sup), acq, devices, sim, source, raw)
 
 
 def parse(text: str, source: str = "config") -> dict[str, Any]:
