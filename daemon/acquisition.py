@@ -34,6 +34,9 @@ class Acquisition:
         self.overflow_intervals = 0
         self.last_t_end_ps: int | None = None
         self.running = False
+        self.wanted = True  # false after acquisition.stop or a stream stopped by the tagger's safe state
+        self._resume = asyncio.Event()
+        self._resume.set()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
@@ -44,6 +47,7 @@ class Acquisition:
         return {
             "tagger": self.sup.name,
             "running": self.running,
+            "wanted": self.wanted,
             "interval_ps": self.interval_ps,
             "tags": self.tags,
             "batches": self.batches,
@@ -54,6 +58,7 @@ class Acquisition:
 
     async def _run(self) -> None:
         while True:
+            await self._resume.wait()
             await self.sup.wait_ready()
             try:
                 await self._stream()
@@ -76,8 +81,9 @@ class Acquisition:
         read_call_timeout = self.read_timeout_s + self.sup.cfg.supervisor.call_timeout_s
         while True:
             batch = await self.sup.call("read", {"timeout_s": self.read_timeout_s}, timeout=read_call_timeout)
-            if batch is None:  # the stream was stopped underneath us (safe_state): start again
-                self.log.info("stream stopped by the device; restarting")
+            if batch is None:  # stopped underneath us (the tagger's safe state): stay stopped until asked
+                self.log.warning("stream stopped by the tagger (safe state); acquisition.start resumes it")
+                self._pause()
                 return
             if not isinstance(batch, TagBatch):
                 raise DeviceFailure(f"{self.sup.name}.read returned {type(batch).__name__}, not a TagBatch")
@@ -108,16 +114,48 @@ class Acquisition:
             t_end_ps=iv.t_end,
         )
 
-    async def stop(self, timeout: float) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+    def _pause(self) -> None:
+        self.wanted = False
+        self._resume.clear()
+
+    def register(self, table: Any) -> None:
+        """RPC: acquisition.start / acquisition.stop / acquisition.status."""
+
+        async def start() -> dict:
+            """Start (or resume) streaming from the tagger and publishing counts."""
+            self.wanted = True
+            self._resume.set()
+            return self.status()
+
+        async def stop() -> dict:
+            """Stop streaming: the tagger's stream is stopped; no counts are published until start."""
+            self._pause()
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+            await self._stop_stream(self.sup.cfg.supervisor.call_timeout_s)
+            self._task = asyncio.create_task(self._run(), name="acquisition")
+            return self.status()
+
+        async def status() -> dict:
+            """Tagger, running/wanted, tags, batches, intervals published, intervals flagged for overflow."""
+            return self.status()
+
+        for fn in (start, stop, status):
+            table.add(f"acquisition.{fn.__name__}", fn, group="acquisition")
+
+    async def _stop_stream(self, timeout: float) -> None:
         if self.sup.available:
             try:
                 await self.sup.call("stop_stream", timeout=timeout)
                 self.log.info("stream stopped")
             except RpcError as e:
                 self.log.warning("stop_stream failed", error=e.message)
+
+    async def stop(self, timeout: float) -> None:
+        """On daemon shutdown: end the loop (bounded) and stop the tagger's stream."""
+        self._pause()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=timeout)
+        await self._stop_stream(timeout)

@@ -78,6 +78,7 @@ class Daemon:
             return EX_UNAVAILABLE
         log.info("qnetd starting", version=__version__, config=self.cfg.source, control=d["control"],
                  publish=d["publish"], pid=os.getpid())
+        self._publish_health()  # state "starting"
         self._register_daemon_methods()
         if self.cfg.simulation is not None:
             try:
@@ -110,11 +111,15 @@ class Daemon:
             self._tasks.append(sup.start())
         await self._first_attempts()
         tagger = self.cfg.tagger
-        if tagger is not None and tagger in self.supervisors:
+        if tagger is not None and tagger in self.supervisors and not self._stop.is_set():
             acq = self.cfg.acquisition
             self.acquisition = Acquisition(self.supervisors[tagger], self.publisher,
                                            interval_s=acq["counts_interval_s"], read_timeout_s=acq["read_timeout_s"])
+            self.acquisition.register(self.table)
             self.acquisition.start()
+        if self._stop.is_set():  # stopped while starting: no READY=1, straight to the safe shutdown
+            await self._shutdown(ctx)
+            return 0
         self.state = "running"
         ready = sum(s.available for s in self.supervisors.values())
         status = f"running: {ready}/{len(self.supervisors)} devices ready"
@@ -146,18 +151,22 @@ class Daemon:
         self.state = "stopping"
         self.notifier.notify(STOPPING=1, STATUS=f"stopping ({self._stop_reason})")
         self._publish_health()
-        budget = self.cfg.daemon["shutdown_timeout_s"]
+        # the budget covers everything: stream, safe states and closes, then up to ~1 s for sockets
+        budget = self.cfg.daemon["shutdown_timeout_s"] - 1.0
         t0 = time.monotonic()
         if self.acquisition is not None:
             await self.acquisition.stop(timeout=min(2.0, budget / 3))
-        left = max(0.5, budget - (time.monotonic() - t0))
-        await asyncio.gather(*(s.stop(left) for s in self.supervisors.values()))
+        left = max(0.2, budget - (time.monotonic() - t0))
+        results = await asyncio.gather(*(s.stop(left) for s in self.supervisors.values()))
+        failed = [name for name, ok in zip(self.supervisors, results) if not ok]
+        if failed:
+            log.error("shutdown incomplete: safe state not confirmed", devices=failed)
         if self.simulation is not None:
             self.simulation.stop()  # after the devices: their safe states reach the simulators
         self.state = "stopped"
         self._publish_health()
         if self.rpc is not None:
-            await self.rpc.drain(0.5)
+            await self.rpc.drain(0.3)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -165,7 +174,7 @@ class Daemon:
             self.rpc.close()
         if self.publisher is not None:
             self.publisher.close()
-        ctx.destroy(linger=500)
+        ctx.destroy(linger=300)
         self.notifier.notify(STATUS="stopped")
         self.notifier.close()
         log.info("qnetd stopped", seconds=round(time.monotonic() - t0, 3))
@@ -237,7 +246,8 @@ class Daemon:
             await sup.call("safe_state", user=True)
 
         async def reconnect() -> None:
-            """Reconnect now: skips the backoff of a faulted device, or closes and reopens a ready one."""
+            """Reconnect now: skips the backoff of a faulted device; a ready one is cycled (safe state, close,
+            connect a fresh driver instance)."""
             sup.reconnect()
 
         for fn in (describe, safe_state, reconnect):

@@ -1,12 +1,15 @@
 """``qnetd``: run the daemon, check a config, list drivers.
 
-Exit status: 0 clean stop, 1 unexpected error, 2 usage, 69 an endpoint could not be bound, 78 config error.
+Exit status: 0 clean stop, 1 unexpected error, 2 usage, 69 an endpoint could not be bound, 78 config error,
+130 interrupted (Ctrl-C) before the daemon had installed its signal handlers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
+import signal
 import sys
 
 from daemon import __version__
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _report(e)
     if args.command == "check":
-        devices = ", ".join(f"{n} ({d.driver})" for n, d in cfg.devices.items()) or "none"
+        devices = ", ".join(f"{n} ({d.driver}{'' if d.enabled else ', disabled'})"
+                            for n, d in cfg.devices.items()) or "none"
         print(f"{cfg.source}: ok; devices: {devices}")
         return 0
 
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from daemon.app import Daemon
 
     logs.configure(cfg.daemon["log_format"], cfg.daemon["log_level"])
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack to stderr
     try:
         return asyncio.run(Daemon(cfg).run())
     except KeyboardInterrupt:  # a second Ctrl-C before the handlers were installed

@@ -199,7 +199,13 @@ class AsyncClient(_Common):
                 reply = json.loads(data)
             except ValueError:
                 continue
-            fut = self._pending.pop(reply.get("id"), None) if isinstance(reply, dict) else None
+            if not isinstance(reply, dict):
+                continue
+            rid = reply.get("id")
+            if rid is None and "error" in reply and self._pending:
+                rid = next(iter(self._pending))  # an error the daemon could not tie to an id: the oldest call
+                data = dumps({**reply, "id": rid})
+            fut = self._pending.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(data)
 
@@ -216,8 +222,9 @@ class AsyncClient(_Common):
             self._reader = asyncio.ensure_future(self._read_replies())
         t = self.timeout if timeout is None else timeout
         try:
-            raw = await asyncio.wait_for(fut, t)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(t):
+                raw = await fut
+        except TimeoutError:
             raise NoReply(f"no reply from qnetd at {self.control} within {t:g} s ({method})") from None
         finally:
             self._pending.pop(rid, None)
@@ -234,8 +241,9 @@ class AsyncClient(_Common):
             seen = 0
             while count is None or seen < count:
                 try:
-                    parts = await asyncio.wait_for(sub.recv_multipart(), timeout)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(timeout):
+                        parts = await sub.recv_multipart()
+                except TimeoutError:
                     raise NoReply(f"no message on {', '.join(topics) or 'any topic'} in {timeout:g} s") from None
                 msg = decode_message(parts)
                 if self._wanted(topics, msg.topic):

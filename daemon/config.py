@@ -8,6 +8,7 @@ tables it shows.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 from daemon.api.protocol import EndpointError, check_endpoint
 from drivers import registry
-from drivers.base import Device
+from drivers.base import GENERIC_METHODS, Device, all_limits, exposed_methods
 from drivers.params import REQUIRED, Field, ParamError, check_value
 
 EX_CONFIG = 78  # sysexits.h: configuration error
@@ -57,7 +58,7 @@ DEVICE_FIELDS: dict[str, Field] = {
 }
 
 RESERVED_NAMES = {"daemon", "acquisition", "analysis", "counts", "keys", "qkd", "control", "histogram", "device", "sim"}
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")  # used with fullmatch: no trailing newline slips through
 
 
 class ConfigError(Exception):
@@ -135,7 +136,7 @@ def _join(path: str, key: str) -> str:
 
 def _limits(raw: dict[str, Any], cls: type[Device], path: str, errors: list[ParamError]) -> dict[str, tuple[float, float]]:
     out = {}
-    known = cls.limits
+    known = all_limits(cls)
     for key, value in raw.items():
         kp = _join(path, key)
         if key not in known:
@@ -146,11 +147,11 @@ def _limits(raw: dict[str, Any], cls: type[Device], path: str, errors: list[Para
         ok = (
             isinstance(value, list)
             and len(value) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
             and value[0] <= value[1]
         )
         if not ok:
-            errors.append(ParamError(kp, f"expected [min, max], got {value!r}", f"two numbers min <= max ({unit})"))
+            errors.append(ParamError(kp, f"expected [min, max], got {value!r}", f"two finite numbers min <= max ({unit})"))
             continue
         out[key] = (float(value[0]), float(value[1]))
     for key in cls.required_limits:
@@ -164,7 +165,7 @@ def _limits(raw: dict[str, Any], cls: type[Device], path: str, errors: list[Para
 
 def _device(name: str, raw: Any, sup: dict[str, Any], errors: list[ParamError]) -> DeviceConfig | None:
     path = f"devices.{name}"
-    if not NAME_RE.match(name) or name in RESERVED_NAMES:
+    if not NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
         errors.append(
             ParamError(path, f"invalid device name {name!r}", "lower-case letters, digits and _, starting with a letter, "
                        f"at most 32 characters, not one of {', '.join(sorted(RESERVED_NAMES))}")
@@ -185,6 +186,11 @@ def _device(name: str, raw: Any, sup: dict[str, Any], errors: list[ParamError]) 
         return None
     except Exception as e:  # a broken third-party driver package must not crash validation
         errors.append(ParamError(f"{path}.driver", f"driver {driver!r} failed to load: {e}"))
+        return None
+    clash = sorted(set(exposed_methods(cls)) & set(GENERIC_METHODS))
+    if clash:
+        errors.append(ParamError(f"{path}.driver", f"driver {driver!r} exposes {', '.join(clash)}, which every device "
+                                 "gets from the daemon", "a driver that renames those methods"))
         return None
     opts_errors: list[ParamError] = []
     options = _table(table["options"], cls.options, f"{path}.options", opts_errors)

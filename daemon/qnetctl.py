@@ -16,6 +16,8 @@ import json
 import sys
 from typing import Any
 
+import zmq
+
 from daemon.api.errors import RpcError
 from daemon.client import DEFAULT_CONTROL, DEFAULT_PUBLISH, Client, NoReply
 
@@ -47,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_params(items: list[str]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for item in items:
@@ -54,9 +60,9 @@ def parse_params(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"parameter {item!r} is not key=value")
         try:
-            params[key] = json.loads(value)
+            params[key] = json.loads(value, parse_constant=_no_constant)
         except ValueError:
-            params[key] = value
+            params[key] = value  # not JSON (or NaN/Infinity, which JSON-RPC cannot carry): a plain string
     return params
 
 
@@ -93,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         if e.data is not None:
             print(f"qnetctl: data: {json.dumps(e.data)}", file=sys.stderr)
         return EXIT_REMOTE
+    except zmq.ZMQError as e:  # e.g. a malformed --control endpoint
+        print(f"qnetctl: {e} (control {client.control}, publish {client.publish})", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `qnetctl watch ... | head`: the reader went away
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_OK
     finally:

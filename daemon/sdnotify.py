@@ -49,6 +49,7 @@ def watchdog_interval_s() -> float | None:
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
-        return max(0.01, int(usec) / 2e6)
+        value = int(usec)
     except ValueError:
         return None
+    return max(0.01, value / 2e6) if value > 0 else None  # a floor: never spin the loop on a tiny value

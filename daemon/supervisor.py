@@ -17,8 +17,9 @@ import structlog
 
 from daemon.api.errors import DeviceFailure, DeviceUnavailable, LimitExceeded, Timeout
 from daemon.config import DeviceConfig, SupervisorConfig
-from daemon.worker import Worker, WorkerClosed
+from daemon.worker import CallTimeout, Worker, WorkerClosed
 from drivers.base import Device, DeviceError, DeviceState, MethodSpec, exposed_methods
+from drivers.params import num
 
 StateCallback = Callable[["DeviceSupervisor", DeviceState], None]
 
@@ -43,7 +44,8 @@ def check_limits(spec: MethodSpec, params: dict[str, Any], limits: dict[str, tup
             if isinstance(v, (int, float)) and not lo <= v <= hi:
                 unit = f" {p.field.unit}" if p.field.unit else ""
                 raise LimitExceeded(
-                    f"{p.name}={v}{unit} is outside the configured limit {name} = [{lo:g}, {hi:g}]{unit}; nothing was sent",
+                    f"{p.name}={num(v)}{unit} is outside the configured limit {name} = [{num(lo)}, {num(hi)}]{unit}; "
+                    "nothing was sent",
                     data={"param": p.name, "value": v, "limit": name, "min": lo, "max": hi, "unit": p.field.unit},
                 )
 
@@ -63,6 +65,7 @@ class DeviceSupervisor:
         self.driver: Device | None = None
         self._worker: Worker | None = None
         self._generation = 0
+        self._hung = False  # the current worker is stuck in a call that timed out
         self._user_calls = 0
         self._on_state = on_state
         self._ready = asyncio.Event()
@@ -120,14 +123,15 @@ class DeviceSupervisor:
             if await self._connect():
                 self._fault_event.clear()
                 await self._fault_event.wait()
-                await self._teardown()
+                await self._teardown(safe=True)
             if self._stopping:
                 break
             delay = self.retry_in_s() or 0.0
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
 
     async def _connect(self) -> bool:
@@ -147,9 +151,10 @@ class DeviceSupervisor:
 
         try:
             self.driver, self.identity = await self._worker.call(connect, cfg.connect_timeout_s)
-        except asyncio.TimeoutError:
+        except CallTimeout:
             self._fault(f"connect timed out after {cfg.connect_timeout_s:g} s")
-            self.driver = None  # its thread is stuck in connect(): abandon both, do not queue a close behind it
+            self.driver = made[0] if made else None
+            self._hung = True  # its thread is stuck in connect(): close from another thread, then abandon it
             await self._teardown()
             return False
         except Exception as e:  # noqa: BLE001 - any connect failure is a fault, never a crash
@@ -177,18 +182,31 @@ class DeviceSupervisor:
         self._set_state(DeviceState.FAULTED)
         self._fault_event.set()
 
-    async def _teardown(self) -> None:
-        """Close the faulted driver (best effort, bounded) and retire its worker thread."""
+    async def _teardown(self, safe: bool = False) -> None:
+        """Safe state (best effort) and close of the faulted driver, bounded; retire its worker thread.
+
+        The safe state is tried only on a worker that is not stuck: the link may still carry it (a laser
+        left on because one query failed must go off). If the worker is stuck in a call that timed out,
+        close() runs in a throwaway thread instead of queueing behind the stuck call: it frees the port for
+        the fresh driver (and often unblocks the stuck call).
+        """
         worker, driver = self._worker, self.driver
         if worker is None:
             return
         if driver is not None:
-            try:
-                await worker.call(driver.close, self.cfg.supervisor.call_timeout_s)
-            except Exception as e:  # noqa: BLE001
-                self.log.info("close after fault failed", error=f"{type(e).__name__}: {e}")
+            timeout = self.cfg.supervisor.call_timeout_s
+            closer = Worker(f"{self.name}-close") if self._hung else worker
+            steps = ("safe_state", "close") if safe and not self._hung else ("close",)
+            for step in steps:
+                try:
+                    await closer.call(getattr(driver, step), timeout)
+                except Exception as e:  # noqa: BLE001
+                    self.log.info(f"{step} after fault failed", error=f"{type(e).__name__}: {e}")
+            if closer is not worker:
+                closer.close()
         worker.close()
         self._worker = None
+        self._hung = False
         self.driver = None
 
     def reconnect(self) -> None:
@@ -206,7 +224,7 @@ class DeviceSupervisor:
         ``user`` marks calls from RPC clients (they make the device ``busy`` while they run).
         """
         params = params or {}
-        if not self.available or self._worker is None or self.driver is None:
+        if self._stopping or not self.available or self._worker is None or self.driver is None:
             raise self.unavailable()
         spec = self.methods.get(method)
         if spec is not None:
@@ -219,9 +237,10 @@ class DeviceSupervisor:
             self._set_state(DeviceState.BUSY)
         try:
             return await worker.call(lambda: fn(**params), timeout)
-        except asyncio.TimeoutError:
+        except CallTimeout:
             msg = f"{self.name}.{method} did not complete within {timeout:g} s"
             if generation == self._generation and self.available:
+                self._hung = True
                 self._fault(msg)
             raise Timeout(msg + "; the device is marked faulted and will be reconnected",
                           data={"device": self.name, "timeout_s": timeout}) from None
@@ -242,7 +261,7 @@ class DeviceSupervisor:
 
     def unavailable(self) -> DeviceUnavailable:
         retry = self.retry_in_s()
-        text = f"device {self.name} is {self.state.value}"
+        text = f"device {self.name} is {'stopping' if self._stopping else self.state.value}"
         if self.error:
             text += f": {self.error}"
         if retry is not None:
@@ -250,8 +269,10 @@ class DeviceSupervisor:
         return DeviceUnavailable(text, data={"device": self.name, "state": self.state.value, "retry_in_s": retry})
 
     # -- shutdown ---------------------------------------------------------------------------------------
-    async def stop(self, timeout: float) -> None:
-        """Safe state, close, stop supervising. Bounded by ``timeout``; never raises."""
+    async def stop(self, timeout: float) -> bool:
+        """Safe state, close, stop supervising. Bounded by ``timeout``; never raises.
+
+        Returns False if the device was connected and its safe state could not be confirmed."""
         self._stopping = True
         self._wake.set()
         if self._task is not None:
@@ -261,6 +282,7 @@ class DeviceSupervisor:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
         worker, driver = self._worker, self.driver
+        ok = True
         if worker is not None and driver is not None and self.available:
             deadline = time.monotonic() + timeout
             for step in ("safe_state", "close"):
@@ -269,9 +291,11 @@ class DeviceSupervisor:
                     await worker.call(getattr(driver, step), max(0.05, left))
                     self.log.info(f"{step} done" if step == "close" else "safe state reached")
                 except Exception as e:  # noqa: BLE001
+                    ok = ok and step != "safe_state"
                     self.log.error(f"{step} failed on shutdown", error=f"{type(e).__name__}: {e}")
         if worker is not None:
             worker.close()
         self._worker = None
         self.driver = None
         self._set_state(DeviceState.DISCONNECTED)
+        return ok

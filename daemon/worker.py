@@ -19,6 +19,10 @@ class WorkerClosed(RuntimeError):
     pass
 
 
+class CallTimeout(TimeoutError):
+    """The call did not finish within its timeout (distinct from a TimeoutError the driver itself raised)."""
+
+
 class Worker:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -43,13 +47,26 @@ class Worker:
                 loop.call_soon_threadsafe(_set_result, fut, result)
 
     async def call(self, fn: Callable[[], Any], timeout: float) -> Any:
-        """Run ``fn()`` in the worker thread; asyncio.TimeoutError if it takes longer than ``timeout``."""
+        """Run ``fn()`` in the worker thread; TimeoutError if it takes longer than ``timeout``.
+
+        If the caller is cancelled or times out, the queued call is skipped if it has not started; a call
+        already running finishes in the thread and its result is dropped.
+        """
         if self._closed:
             raise WorkerClosed(self.name)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._queue.put((fn, loop, fut))
-        return await asyncio.wait_for(fut, timeout)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that races with
+        # the result, and a cancelled caller (acquisition being stopped) would then run on forever.
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                return await fut
+        except TimeoutError:
+            if deadline.expired():
+                raise CallTimeout(f"{self.name}: no result within {timeout:g} s") from None
+            raise  # the driver's own TimeoutError (e.g. a socket timeout): the caller treats it as a link fault
 
     def close(self) -> None:
         """Let the thread finish the calls already queued (cancelled ones are skipped) and exit."""

@@ -42,6 +42,7 @@ __all__ = [
     "TagBatch",
     "TagFlags",
     "TimeTagger",
+    "all_limits",
     "exposed",
     "exposed_methods",
 ]
@@ -230,7 +231,8 @@ class Device:
     * ``options`` -- its config options, ``{name: Field(type=..., default=...)}``, validated at start-up
       and passed to ``__init__`` as a dict with defaults filled in;
     * ``limits`` -- the safety limits it understands, ``{name: Field(unit=...)}``; the config gives each as
-      ``[min, max]`` and the daemon checks every parameter annotated ``Field(limit=name)`` against it;
+      ``[min, max]`` and the daemon checks every parameter annotated ``Field(limit=name)`` against it. A
+      driver's ``limits`` add to those of its interface (see :func:`all_limits`);
     * ``required_limits`` -- limits a config must set (a laser without a current limit is refused).
     """
 
@@ -267,6 +269,17 @@ class Device:
         return {}
 
 
+GENERIC_METHODS = ("describe", "safe_state", "reconnect")  # every device has these RPC methods from the daemon
+
+
+def all_limits(cls: type) -> dict[str, Field]:
+    """Every safety limit a driver class understands: its own ``limits`` merged with its bases'."""
+    out: dict[str, Field] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("limits", {}))
+    return out
+
+
 class TimeTagger(Device):
     """A time-to-digital converter that streams time tags.
 
@@ -274,9 +287,11 @@ class TimeTagger(Device):
     """
 
     kind = "time_tagger"
+    limits = {"input_delay_ps": Field(unit="ps", doc="allowed hardware input delays")}
 
     @property
     def channel_count(self) -> int:
+        """Number of input channels. Must not do I/O: read it at connect and cache it."""
         raise NotImplementedError
 
     @property
@@ -366,6 +381,11 @@ class PolarizationController(Device):
         """Current paddle angles in degrees, one per paddle."""
         raise NotImplementedError
 
+    @exposed
+    def status(self) -> dict:
+        """positions_deg, homed and what else the controller reports."""
+        raise NotImplementedError
+
     def safe_state(self) -> None:
         """Polarization controllers hold their position; nothing to switch off by default."""
 
@@ -392,4 +412,5 @@ class PhotonDetector(Device):
         raise NotImplementedError
 
     def safe_state(self) -> None:
+        """Disable detection. Drivers of current-biased detectors also bring the bias to zero."""
         self.set_enabled(False)

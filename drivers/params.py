@@ -68,14 +68,21 @@ class Field:
             text = "one of " + ", ".join(repr(c) for c in self.choices)
         bounds = []
         if self.min is not None:
-            bounds.append(f">= {self.min:g}")
+            bounds.append(f">= {num(self.min)}")
         if self.max is not None:
-            bounds.append(f"<= {self.max:g}")
+            bounds.append(f"<= {num(self.max)}")
         if bounds:
             text += " " + " and ".join(bounds)
         if self.unit:
             text += f" (in {self.unit})"
         return text
+
+
+def num(x: float) -> str:
+    """A number for messages: exact for integers, up to 12 significant digits otherwise (no 2.68435e+08)."""
+    if isinstance(x, int) or float(x).is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return f"{x:.12g}"
 
 
 class ParamError(ValueError):

@@ -50,9 +50,8 @@ class IntervalCounter:
             self._start = batch.t_begin
             self._seen_until = batch.t_begin
         out: list[CountsInterval] = []
-        if batch.t_begin > self._seen_until:
-            # a gap in the stream: tags there were never seen, so the interval is not valid data
-            self._overflow = True
+        # a gap before this batch: tags there were never seen, so every interval it touches is not valid data
+        gap = (self._seen_until, batch.t_begin) if batch.t_begin > self._seen_until else None
         ts, ch = batch.timestamps, batch.channels
         lo = 0
         self._missed += batch.missed_events  # reported once, in the interval where the batch starts
@@ -63,6 +62,8 @@ class IntervalCounter:
                 self._acc += np.bincount(ch[lo:hi], minlength=self.channels)[: self.channels]
             if batch.overflow and batch.t_end > self._start and batch.t_begin < end:
                 self._overflow = True  # every interval the overflowing batch overlaps
+            if gap is not None and gap[0] < end and gap[1] > self._start:
+                self._overflow = True
             lo = hi
             if batch.t_end < end:
                 break

@@ -1,6 +1,6 @@
 """JSON-RPC error codes and the exceptions that carry them, shared by the daemon and its clients.
 
-Standard codes come from JSON-RPC 2.0; the server codes -32000..-32005 are qnetd's (docs/protocol.md).
+Standard codes come from JSON-RPC 2.0; the server codes -32000..-32004 are qnetd's (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -42,27 +42,38 @@ class RpcError(Exception):
 
 
 class ParseError(RpcError):
+    """The message is not valid JSON (UTF-8, no NaN/Infinity)."""
+
     code = PARSE_ERROR
 
 
 class InvalidRequest(RpcError):
+    """Valid JSON but not a JSON-RPC 2.0 request (or larger than the daemon accepts)."""
+
     code = INVALID_REQUEST
 
 
 class MethodNotFound(RpcError):
+    """No such method; data.similar lists methods with the same prefix."""
+
     code = METHOD_NOT_FOUND
 
 
 class InvalidParams(RpcError):
+    """A parameter is missing, unknown, of the wrong type or out of range; data.param names it."""
+
     code = INVALID_PARAMS
 
 
 class InternalError(RpcError):
+    """A bug in the daemon or a driver; the daemon keeps serving."""
+
     code = INTERNAL_ERROR
 
 
 class DeviceUnavailable(RpcError):
-    """The device is faulted, connecting, disconnected or the daemon is stopping: nothing was sent."""
+    """The device is faulted, connecting, disconnected or the daemon is stopping (nothing was sent), or it
+    faulted during this call (the link failed while the command was in flight)."""
 
     code = DEVICE_UNAVAILABLE
 

@@ -92,14 +92,14 @@ def bind_params(spec: MethodSpec, params: Any) -> dict[str, Any]:
     elif isinstance(params, list):
         if len(params) > len(names):
             raise InvalidParams(f"{spec.name} takes at most {len(names)} parameter(s), got {len(params)}: {_signature(spec)}",
-                                data={"allowed": names})
+                                data={"allowed": _signature(spec), "params": names})
         params = dict(zip(names, params))
     elif not isinstance(params, dict):
         raise InvalidParams("params must be an object (by name) or an array (by position)")
     unknown = [k for k in params if k not in names]
     if unknown:
         raise InvalidParams(f"{spec.name}: unknown parameter(s) {', '.join(map(repr, unknown))}; expected {_signature(spec)}",
-                            data={"param": unknown[0], "allowed": names})
+                            data={"param": unknown[0], "allowed": _signature(spec), "params": names})
     out: dict[str, Any] = {}
     for p in spec.params:
         if p.name not in params:

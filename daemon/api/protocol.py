@@ -69,7 +69,9 @@ def encode_message(
     frames: list[bytes | memoryview] = []
     descr = []
     for name, arr in arrays:
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr)
+        if not arr.flags.c_contiguous:
+            arr = arr.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into shape (1,))
         if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         descr.append({"name": name, "dtype": arr.dtype.newbyteorder("<").str, "shape": list(arr.shape)})
@@ -89,6 +91,8 @@ def decode_message(parts: Iterable[bytes]) -> Message:
         raise ValueError(f"a published message has at least 2 frames, got {len(parts)}")
     topic = bytes(parts[0]).decode()
     header = json.loads(bytes(parts[1]))
+    if not isinstance(header, dict):
+        raise ValueError(f"the header of a published message must be a JSON object, got {type(header).__name__}")
     descr = header.get("frames", [])
     if len(descr) != len(parts) - 2:
         raise ValueError(f"header describes {len(descr)} frames, message has {len(parts) - 2}")

@@ -29,7 +29,11 @@ class Publisher:
         self.socket.setsockopt(zmq.LINGER, 500)
         if "[" in endpoint or endpoint.count(":") > 2:
             self.socket.setsockopt(zmq.IPV6, 1)
-        self.socket.bind(endpoint)
+        try:
+            self.socket.bind(endpoint)
+        except zmq.ZMQError:
+            self.socket.close(linger=0)  # an unclosed socket would block the context's termination
+            raise
         self._seq: dict[str, int] = defaultdict(int)
         self.sent = 0
         self.dropped = 0

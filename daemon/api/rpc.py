@@ -46,7 +46,11 @@ class RpcServer:
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_request_bytes * HARD_LIMIT_FACTOR)
         if "[" in endpoint:
             self.socket.setsockopt(zmq.IPV6, 1)
-        self.socket.bind(endpoint)
+        try:
+            self.socket.bind(endpoint)
+        except zmq.ZMQError:
+            self.socket.close(linger=0)
+            raise
         self._tasks: set[asyncio.Task[None]] = set()
         self.served = 0
 
@@ -88,7 +92,7 @@ class RpcServer:
     async def _send(self, envelope: list[bytes], reply: Any) -> None:
         try:
             data = dumps(reply)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             log.error("reply not serializable", error=str(e))
             rid = reply.get("id") if isinstance(reply, dict) else None
             data = dumps(_error(rid, InternalError(f"the result could not be encoded as JSON: {e}")))
@@ -105,9 +109,11 @@ class RpcServer:
                 f"request of {len(payload)} bytes exceeds the limit of {self.max_request_bytes} bytes",
                 data={"size": len(payload), "limit": self.max_request_bytes}))
         try:
-            obj = json.loads(payload)
+            obj = json.loads(payload, parse_constant=_refuse_constant)
         except (ValueError, UnicodeDecodeError) as e:
             return _error(None, ParseError(f"not valid JSON: {e}"))
+        except RecursionError:
+            return _error(None, ParseError("not valid JSON: nested too deeply"))
         if isinstance(obj, list):
             if not obj:
                 return _error(None, InvalidRequest("empty batch"))
@@ -145,7 +151,14 @@ class RpcServer:
         except Exception as e:  # noqa: BLE001
             bound.exception("handler crashed")
             return None if notification else _error(id_, InternalError(f"internal error in {method}: {type(e).__name__}: {e}"))
-        return None if notification else {"jsonrpc": "2.0", "id": id_, "result": result}
+        if notification:
+            return None
+        try:
+            dumps(result)  # fail here, per request, so one bad result cannot spoil a batch reply
+        except (TypeError, ValueError, RecursionError) as e:
+            bound.error("result not serializable", error=str(e))
+            return _error(id_, InternalError(f"the result of {method} could not be encoded as JSON: {e}"))
+        return {"jsonrpc": "2.0", "id": id_, "result": result}
 
     async def drain(self, timeout: float) -> None:
         """Wait (bounded) for requests in flight, e.g. the reply to daemon.shutdown."""
@@ -158,9 +171,13 @@ class RpcServer:
         self.socket.close()
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _peek_id(payload: bytes) -> Any:
     try:
         obj = json.loads(payload)
         return obj.get("id") if isinstance(obj, dict) and _valid_id(obj.get("id")) else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None

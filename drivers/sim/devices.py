@@ -8,7 +8,6 @@ to the real drivers.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -143,7 +142,6 @@ class SimPhotonDetector(_SimDevice, PhotonDetector):
         self._bias = 0.0
         self._enabled = False
         self._latched = False
-        self._lock = threading.Lock()
         self._connected = True
 
     def close(self) -> None:
@@ -167,6 +165,10 @@ class SimPhotonDetector(_SimDevice, PhotonDetector):
     def _update_latch(self) -> None:
         if self._enabled and self._bias > self.opts["critical_bias_ua"]:
             self._latched = True
+
+    def safe_state(self) -> None:
+        self.set_enabled(False)
+        self.set_bias(0.0)
 
     def status(self) -> dict:
         self._require()

@@ -142,8 +142,6 @@ class SimTimeTagger(PacedSimTagger):
         ),
         **PacedSimTagger.options,
     }
-    limits = {"input_delay_ps": Field(unit="ps", doc="allowed hardware input delays")}
-
     @classmethod
     def check_options(cls, opts: dict[str, Any]) -> list[ParamError]:
         errors = []

@@ -87,11 +87,12 @@ class BlockStream:
         begin, self._emitted_until = self._emitted_until, t_end
         overflow, dropped, keep = False, 0, []
         for start, end, n in self._overflows:
-            if start < t_end and end > begin:
+            overlaps = start < t_end and end > begin
+            if overlaps:
                 overflow = True
-                dropped += n  # n is zeroed below once reported, so each block's drops count once
+                dropped += n
             if end > t_end:
-                keep.append((start, end, 0))
+                keep.append((start, end, 0 if overlaps else n))  # each block's drops are reported once
         self._overflows = keep
         return out_ts, out_ch, overflow, dropped
 
