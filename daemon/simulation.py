@@ -5,7 +5,9 @@ and start the simulated instruments listed under ``[simulation.instruments.NAME]
 TCP socket, APT paddle controllers on pseudo-terminals, detector controllers...) before any device
 connects. Device options may then name them as ``"sim://NAME"``: the daemon replaces such a value with the
 instrument's address (a VISA resource, a pty path, host:port), and ``"sim://bench"`` with the bench model
-itself (for the in-process bench tagger). So the real drivers run unchanged against the simulators.
+itself (for the in-process bench tagger); an instrument with more than one port (the Eos counts stream)
+also fills the matching driver options through its ``driver_options``. So the real drivers run unchanged
+against the simulators.
 
 RPC ``sim.*`` methods let tests and demos act on the bench: unplug and replug an instrument, trip the
 laser interlock, set Eve's intercept fraction or the polarization drift rate.
@@ -144,7 +146,14 @@ class SimulationHost:
         return value
 
     def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        return {k: self.resolve(v) for k, v in options.items()}
+        """Resolve sim:// values; an instrument that publishes ``driver_options`` (e.g. a second port) also
+        sets those of the driver's options that the driver has, so the driver needs only ``sim://NAME``."""
+        out = {k: self.resolve(v) for k, v in options.items()}
+        for value in options.values():
+            for ref in sim_references(value):
+                extra = getattr(self.instruments.get(ref), "driver_options", None) or {}
+                out.update({k: v for k, v in extra.items() if k in out and not sim_references(options[k])})
+        return out
 
     # -- RPC ----------------------------------------------------------------------------------------------
     def _instrument(self, name: str) -> Any:
