@@ -1,0 +1,1 @@
+"""PicoQuant PTU files: decoder, replay tagger, recorder."""
