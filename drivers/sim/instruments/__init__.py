@@ -21,6 +21,8 @@ MODELS: dict[str, str] = {
     "idq_id120": "drivers.sim.instruments.id120:SimID120",
     "thorlabs_mpc320": "drivers.sim.instruments.mpc320:SimMPC320",
     "singlequantum_eos": "drivers.sim.instruments.eos:SimEos",
+    "toptica_dlcpro": "drivers.sim.instruments.dlcpro:SimDLCPro",
+    "ozoptics_epc04": "drivers.sim.instruments.epc04:SimEPC04",
 }
 
 
