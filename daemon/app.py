@@ -80,14 +80,25 @@ class Daemon:
                  publish=d["publish"], pid=os.getpid())
         self._publish_health()  # state "starting"
         self._register_daemon_methods()
+        self._tasks.append(asyncio.create_task(self.rpc.serve(), name="rpc"))
+        self._tasks.append(asyncio.create_task(self._health(), name="health"))
+        wd = watchdog_interval_s()
+        if wd is not None and self.notifier.enabled:
+            self._tasks.append(asyncio.create_task(self._watchdog(wd), name="watchdog"))
         if self.cfg.simulation is not None:
             try:
                 self.simulation = SimulationHost(self.cfg.simulation)
                 self.simulation.start()
+                self.notifier.notify(STATUS="starting: compiling the simulation kernels (first run only)")
+                seconds = await asyncio.to_thread(self.simulation.warm_up)
+                log.info("simulation ready", warm_up_s=round(seconds, 3))
             except Exception as e:  # noqa: BLE001 - e.g. a simulator port in use
                 log.error("cannot start the simulated testbed", error=f"{type(e).__name__}: {e}")
                 if self.simulation is not None:
                     self.simulation.stop()
+                for task in self._tasks:
+                    task.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
                 self.rpc.close()
                 self.publisher.close()
                 ctx.destroy(linger=0)
@@ -101,11 +112,6 @@ class Daemon:
             sup = DeviceSupervisor(dev, self._on_device_state)
             self.supervisors[name] = sup
             self._register_device_methods(sup)
-        self._tasks.append(asyncio.create_task(self.rpc.serve(), name="rpc"))
-        self._tasks.append(asyncio.create_task(self._health(), name="health"))
-        wd = watchdog_interval_s()
-        if wd is not None and self.notifier.enabled:
-            self._tasks.append(asyncio.create_task(self._watchdog(wd), name="watchdog"))
         for sup in self.supervisors.values():
             self._publish_device(sup, None)
             self._tasks.append(sup.start())

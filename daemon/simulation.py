@@ -127,6 +127,11 @@ class SimulationHost:
             log.info("simulated instrument started", instrument=name, model=self.cfg.instruments[name].model,
                      address=inst.address)
 
+    def warm_up(self) -> float:
+        """Compile (first run, ~20 s) or load from numba's cache the bench kernels; seconds spent. Blocking:
+        the daemon runs it in a thread before the devices connect, so no connect timeout is spent on it."""
+        return float(self.model.warm_up())
+
     def stop(self) -> None:
         for name, inst in self.instruments.items():
             try:

@@ -85,7 +85,7 @@ class DaemonProc:
                 out.append({"event": line, "raw": True})
         return out
 
-    def wait_running(self, timeout: float = 20.0) -> dict:
+    def wait_running(self, timeout: float = 90.0) -> dict:  # a cold numba cache compiles the bench (~20 s)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -28,8 +28,12 @@ from drivers.sim.tagger import SimTimeTagger
 REPO = Path(__file__).resolve().parents[2]
 
 
+INPROCESS = Path(__file__).resolve().parents[2] / "config" / "sim-inprocess.toml"
+
+
 def default_raw() -> dict:
-    return tomllib.loads(default_config_text())
+    """The in-process testbed config (sim.tagger, sim.laser, ...): the base the option tests modify."""
+    return tomllib.loads(INPROCESS.read_text())
 
 
 def errors_of(raw: dict) -> list:
@@ -60,8 +64,9 @@ def test_embedded_default_is_config_sim_toml():
 
 
 def test_embedded_default_validates():
-    raw = default_raw()
+    raw = tomllib.loads(default_config_text())
     cfg = load()
+    assert cfg.simulation is not None and set(cfg.simulation.instruments) == set(raw["simulation"]["instruments"])
     assert cfg.source == DEFAULT_SOURCE
     assert set(cfg.devices) == set(raw["devices"])
     for name, dev in cfg.devices.items():
@@ -77,14 +82,19 @@ def test_embedded_default_validates():
     # [daemon] values from the file, defaults for keys it does not set
     for key, fld in DAEMON_FIELDS.items():
         assert cfg.daemon[key] == raw["daemon"].get(key, fld.default)
-    # supervisor values inherited by every device
-    for dev in cfg.devices.values():
+    # supervisor values inherited by every device unless the device overrides them
+    for name, dev in cfg.devices.items():
         for key in SUPERVISOR_FIELDS:
-            assert getattr(dev.supervisor, key) == getattr(cfg.supervisor, key)
+            assert getattr(dev.supervisor, key) == raw["devices"][name].get(key, getattr(cfg.supervisor, key))
+
+
+def test_inprocess_testbed_validates():
+    cfg = load(INPROCESS)
+    assert cfg.simulation is None and cfg.tagger == "tagger"
 
 
 def test_default_options_are_filled_in():
-    cfg = load()
+    cfg = load(INPROCESS)
     pump = cfg.devices["pump"]
     given = default_raw()["devices"]["pump"]["options"]
     for key, fld in SimLaser.options.items():
