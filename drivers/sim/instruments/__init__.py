@@ -23,6 +23,7 @@ MODELS: dict[str, str] = {
     "singlequantum_eos": "drivers.sim.instruments.eos:SimEos",
     "toptica_dlcpro": "drivers.sim.instruments.dlcpro:SimDLCPro",
     "ozoptics_epc04": "drivers.sim.instruments.epc04:SimEPC04",
+    "idq_id900": "drivers.sim.instruments.id900:SimID900",
 }
 
 
