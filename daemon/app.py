@@ -119,8 +119,10 @@ class Daemon:
         tagger = self.cfg.tagger
         if tagger is not None and tagger in self.supervisors and not self._stop.is_set():
             acq = self.cfg.acquisition
+            pipeline = await self._analysis_pipeline(tagger)
             self.acquisition = Acquisition(self.supervisors[tagger], self.publisher,
-                                           interval_s=acq["counts_interval_s"], read_timeout_s=acq["read_timeout_s"])
+                                           interval_s=acq["counts_interval_s"], read_timeout_s=acq["read_timeout_s"],
+                                           pipeline=pipeline, record_dir=acq["record_dir"])
             self.acquisition.register(self.table)
             self.acquisition.start()
         if self._stop.is_set():  # stopped while starting: no READY=1, straight to the safe shutdown
@@ -136,6 +138,24 @@ class Daemon:
             await self._stop.wait()
         await self._shutdown(ctx)
         return 0
+
+    async def _analysis_pipeline(self, tagger: str) -> Any:
+        """The coincidence pipeline of [analysis] (None if the config has none), its kernels warmed up in a
+        thread and its analysis.* RPC methods registered; calibration progress goes to analysis.calibration."""
+        if self.cfg.analysis is None:
+            return None
+        from daemon.analysis import pipeline as analysis
+
+        pipeline = analysis.AnalysisPipeline(self.cfg.analysis, device=tagger)
+        seconds = await asyncio.to_thread(analysis.warm_up)
+        log.info("analysis ready", warm_up_s=round(seconds, 3))
+
+        def progress(fields: dict[str, Any]) -> None:
+            if self.publisher is not None:
+                self.publisher.publish("analysis.calibration", fields)
+
+        analysis.register(self.table, pipeline, progress)
+        return pipeline
 
     def request_stop(self, reason: str = "request") -> None:
         if not self._stop.is_set():

@@ -46,6 +46,7 @@ ACQUISITION_FIELDS: dict[str, Field] = {
     "tagger": Field(str, "", doc="device name of the time tagger to stream from; empty: the only one configured"),
     "counts_interval_s": Field(float, 1.0, unit="s", min=0.001, max=3600, doc="integration time of the `counts` topic (tagger time)"),
     "read_timeout_s": Field(float, 0.25, unit="s", min=0.001, max=60, doc="how long one stream read may wait for tags"),
+    "record_dir": Field(str, "", doc="directory for acquisition.record_start PTU files; empty: recording disabled"),
 }
 
 DEVICE_FIELDS: dict[str, Field] = {
@@ -97,6 +98,7 @@ class Config:
     acquisition: dict[str, Any]
     devices: dict[str, DeviceConfig]
     simulation: Any = None  # daemon.simulation.SimulationConfig when the config runs the simulated testbed
+    analysis: dict[str, Any] | None = None  # validated [analysis] (daemon/analysis/pipeline.py), None: off
     source: str = "config"
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -203,7 +205,7 @@ def _device(name: str, raw: Any, sup: dict[str, Any], errors: list[ParamError]) 
     return DeviceConfig(name, driver, cls, options, limits, SupervisorConfig(**merged), table["enabled"])
 
 
-TOP_LEVEL = {"daemon", "supervisor", "acquisition", "devices", "simulation"}
+TOP_LEVEL = {"daemon", "supervisor", "acquisition", "devices", "simulation", "analysis"}
 
 
 def _simulation(raw: dict[str, Any], devices: dict[str, DeviceConfig], errors: list[ParamError]) -> Any:
@@ -270,9 +272,20 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
         errors.append(ParamError("acquisition.tagger", "several time taggers are configured: name the one to stream from",
                                  "one of " + ", ".join(taggers)))
     sim = _simulation(raw, devices, errors)
+    analysis = None
+    if "analysis" in raw:
+        from daemon.analysis.pipeline import validate as validate_analysis
+
+        analysis, analysis_errors = validate_analysis(raw["analysis"], "analysis")
+        errors.extend(analysis_errors)
+        if analysis is not None and not analysis.get("enabled", True):
+            analysis = None
+        elif analysis is not None and not acq["tagger"]:
+            errors.append(ParamError("analysis", "coincidence analysis needs a streaming time tagger",
+                                     "a [devices.NAME] time tagger, or analysis.enabled = false"))
     if errors:
         raise ConfigError(errors, source)
-    return Config(daemon, SupervisorConfig(**sup), acq, devices, sim, source, raw)
+    return Config(daemon, SupervisorConfig(**sup), acq, devices, sim, analysis, source, raw)
 
 
 def parse(text: str, source: str = "config") -> dict[str, Any]:

@@ -750,8 +750,9 @@ def rpc_handlers(pipeline: AnalysisPipeline, progress: Callable[[dict[str, Any]]
             fut.set_result(run.result)
         report({"phase": "started", "fraction": 0.0, "pairs": [list(p) for p in plist]})
         try:
-            result = await asyncio.wait_for(fut, timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):  # not wait_for: see daemon/worker.py
+                result = await fut
+        except TimeoutError:
             pipeline.cancel_calibration(run)
             report({"phase": "failed", "fraction": run.fraction, "pairs": [list(p) for p in plist],
                     "error": f"timed out after {timeout_s} s"})

@@ -59,8 +59,16 @@ TOPICS: dict[str, dict[str, Any]] = {
 }
 
 
+def all_topics() -> dict[str, dict[str, Any]]:
+    """The daemon's own topics and the analysis pipeline's (coincidences, histogram.<name>, qkd.<link>, ...)."""
+    from daemon.analysis.pipeline import PROGRESS_TOPIC
+    from daemon.analysis.pipeline import TOPICS as ANALYSIS_TOPICS
+
+    return {**TOPICS, **ANALYSIS_TOPICS, **PROGRESS_TOPIC}
+
+
 def describe_topics() -> list[dict[str, Any]]:
     return [
         {"name": name, "doc": t["doc"], "fields": {**COMMON_FIELDS, **t["fields"]}, "frames": t["frames"]}
-        for name, t in TOPICS.items()
+        for name, t in all_topics().items()
     ]

@@ -7,6 +7,7 @@ import math
 import threading
 import time
 
+import numpy as np
 import pytest
 import zmq
 
@@ -235,3 +236,35 @@ def test_shutdown_rpc_exits_zero_after_safe_states(start_daemon):
     assert ("pump", "safe state reached") in events
     assert ("tagger", "safe state reached") in events
     assert events.index(("pump", "safe state reached")) < events.index(("pump", "close done"))
+
+
+def test_recording_the_stream_to_ptu(start_daemon, tmp_path):
+    from drivers.ptu.decoder import KIND_PHOTON, read_ptu
+
+    rec_dir = tmp_path / "recordings"
+    text = config_text().replace("[acquisition]\n", f'[acquisition]\nrecord_dir = "{rec_dir}"\n')
+    d = start_daemon(text)
+    for bad in ("../escape.ptu", "sub/dir.ptu", "no_suffix", ".hidden.ptu"):
+        with pytest.raises(errors.InvalidParams):
+            d.client.call("acquisition.record_start", file_name=bad)
+    started = d.client.call("acquisition.record_start", file_name="run1.ptu")
+    assert started["path"] == str(rec_dir / "run1.ptu")
+    with pytest.raises(errors.Busy):
+        d.client.call("acquisition.record_start", file_name="run2.ptu")
+    list(d.client.subscribe("counts", count=2, timeout=20))
+    summary = d.client.call("acquisition.record_stop")
+    assert summary["tags"] > 0 and summary["error"] is None
+    header, decoded, times_ps = read_ptu(rec_dir / "run1.ptu")
+    photons = decoded.kind == KIND_PHOTON
+    assert int(photons.sum()) == summary["tags"]
+    assert np.all(np.diff(times_ps[photons]) >= 0)
+    assert set(np.unique(decoded.channel[photons]).tolist()) <= set(range(8))
+    with pytest.raises(errors.InvalidParams):  # never overwrite a recording
+        d.client.call("acquisition.record_start", file_name="run1.ptu")
+
+
+def test_recording_disabled_without_record_dir(start_daemon):
+    d = start_daemon(config_text())
+    with pytest.raises(errors.InvalidParams) as e:
+        d.client.call("acquisition.record_start", file_name="x.ptu")
+    assert "record_dir" in e.value.message

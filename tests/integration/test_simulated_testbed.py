@@ -121,3 +121,28 @@ def test_sigterm_puts_the_simulated_lab_in_safe_states(start_daemon):
     events = [(r.get("device"), r["event"]) for r in d.logs()]
     for dev in ("tagger", "pump", "pc_alice", "pc_bob", "snspd"):
         assert (dev, "safe state reached") in events, dev
+
+
+def test_coincidences_and_qber_on_the_default_testbed(start_daemon):
+    """The analysis pipeline on the bench: coincidence rate and QBER as physics.md predicts."""
+    d = start_daemon(make_testbed_config())
+    link = next(iter(d.client.subscribe("qkd.bbm92", timeout=30)))
+    coinc = next(iter(d.client.subscribe("coincidences", timeout=30)))
+    seconds = (coinc["t_end_ps"] - coinc["t_begin_ps"]) * PS
+    # true coincidences summed over the matrix: R * eta_A * eta_B (the 1 ns window holds the whole 32 ps peak)
+    eta_a = 10 ** (-(2.0 + 0.4) / 10) * 0.85
+    eta_b = 10 ** (-(2.0 + 2.0) / 10) * 0.85
+    mean = 5.0e5 * eta_a * eta_b * seconds
+    total = sum(coinc["counts"])
+    assert abs(total - mean) < 5 * math.sqrt(mean) + 0.01 * mean, (total, mean)  # + dead-time losses (<1%)
+    # QBER (1 - V)/2 = 1 % per basis with the fibers starting at identity; drift at 1e-4 rad^2/s adds at most
+    # ~2*D*t/4 per arm, < 0.001 over the first 10 simulated seconds
+    for basis in ("Z", "X"):
+        n = link["sifted"][basis]
+        q = link["qber"][basis]
+        assert n > 1000
+        assert abs(q - 0.01) < 5 * math.sqrt(0.01 * 0.99 / n) + 0.001, (basis, q, n)
+    hist = next(iter(d.client.subscribe("histogram.h_h", timeout=30)))
+    counts = hist.arrays["counts"]
+    assert counts.sum() == hist["total"] and counts.sum() > 0
+    assert counts.argmax() == pytest.approx(len(counts) / 2, abs=5)  # the peak sits at 0 after the delays
