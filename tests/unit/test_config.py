@@ -666,3 +666,12 @@ def test_ex_config_is_sysexits_value():
 
     if hasattr(os, "EX_CONFIG"):
         assert EX_CONFIG == os.EX_CONFIG
+
+
+def test_lab_example_config_validates():
+    """config/lab-bbm92.example.toml is what a lab copies: it must stay valid as drivers evolve."""
+    cfg = load(INPROCESS.parent / "lab-bbm92.example.toml")
+    assert cfg.simulation is None and cfg.analysis is not None
+    assert cfg.devices["pump"].limits["current_ma"] == (0.0, 55.0)
+    assert {d.driver for d in cfg.devices.values()} == {"swabian.timetagger", "thorlabs.cld", "thorlabs.mpc",
+                                                       "singlequantum.eos"}
