@@ -19,7 +19,7 @@ from typing import Any
 from daemon.api.protocol import EndpointError, check_endpoint
 from drivers import registry
 from drivers.base import GENERIC_METHODS, Device, all_limits, exposed_methods
-from drivers.params import REQUIRED, Field, ParamError, check_value
+from drivers.params import REQUIRED, Field, ParamError, validate_table
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 
@@ -108,30 +108,6 @@ class Config:
         return self.acquisition["tagger"] or None
 
 
-def _table(raw: Any, schema: dict[str, Field], path: str, errors: list[ParamError]) -> dict[str, Any]:
-    """Validate one TOML table against a schema: unknown keys, missing keys, each value."""
-    if not isinstance(raw, dict):
-        errors.append(ParamError(path, f"expected a table, got {type(raw).__name__}"))
-        return {k: f.default for k, f in schema.items()}
-    out: dict[str, Any] = {}
-    for key in raw:
-        if key not in schema:
-            errors.append(ParamError(_join(path, key), "unknown key", "one of " + ", ".join(sorted(schema))))
-    for key, fld in schema.items():
-        kp = _join(path, key)
-        if key not in raw:
-            if fld.default is REQUIRED:
-                errors.append(ParamError(kp, "missing", fld.allowed()))
-            out[key] = fld.default
-            continue
-        try:
-            out[key] = check_value(raw[key], fld, kp)
-        except ParamError as e:
-            errors.append(e)
-            out[key] = fld.default
-    return out
-
-
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -174,11 +150,11 @@ def _device(name: str, raw: Any, sup: dict[str, Any], errors: list[ParamError]) 
         )
         return None
     n_before = len(errors)
-    table = _table(raw, DEVICE_FIELDS, path, errors)
+    table = validate_table(raw, DEVICE_FIELDS, path, errors)
     if len(errors) > n_before and "driver" not in (raw if isinstance(raw, dict) else {}):
         return None
     driver = table["driver"]
-    if not isinstance(driver, str) or driver is REQUIRED:
+    if not isinstance(driver, str):
         return None
     try:
         cls = registry.load(driver)
@@ -195,7 +171,7 @@ def _device(name: str, raw: Any, sup: dict[str, Any], errors: list[ParamError]) 
                                  "gets from the daemon", "a driver that renames those methods"))
         return None
     opts_errors: list[ParamError] = []
-    options = _table(table["options"], cls.options, f"{path}.options", opts_errors)
+    options = validate_table(table["options"], cls.options, f"{path}.options", opts_errors)
     if not opts_errors:
         for e in cls.check_options(options):
             opts_errors.append(ParamError(f"{path}.options.{e.path}", e.message, e.allowed))
@@ -237,7 +213,7 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
     for key in raw:
         if key not in TOP_LEVEL:
             errors.append(ParamError(key, "unknown section", "one of " + ", ".join(sorted(TOP_LEVEL))))
-    daemon = _table(raw.get("daemon", {}), DAEMON_FIELDS, "daemon", errors)
+    daemon = validate_table(raw.get("daemon", {}), DAEMON_FIELDS, "daemon", errors)
     for key in ("control", "publish"):
         if isinstance(daemon[key], str):
             try:
@@ -246,8 +222,8 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
                 errors.append(ParamError(f"daemon.{key}", str(e)))
     if daemon["control"] == daemon["publish"]:
         errors.append(ParamError("daemon.publish", "is the same endpoint as daemon.control", "a different endpoint"))
-    sup = _table(raw.get("supervisor", {}), SUPERVISOR_FIELDS, "supervisor", errors)
-    acq = _table(raw.get("acquisition", {}), ACQUISITION_FIELDS, "acquisition", errors)
+    sup = validate_table(raw.get("supervisor", {}), SUPERVISOR_FIELDS, "supervisor", errors)
+    acq = validate_table(raw.get("acquisition", {}), ACQUISITION_FIELDS, "acquisition", errors)
     devices_raw = raw.get("devices", {})
     devices: dict[str, DeviceConfig] = {}
     if not isinstance(devices_raw, dict):

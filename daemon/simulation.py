@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import structlog
 
-from drivers.params import REQUIRED, Field, ParamError, check_value
+from drivers.params import Field, ParamError, validate_table
 
 SIM_SCHEME = "sim://"
 BENCH = "bench"
@@ -76,23 +76,7 @@ def validate(raw: Any, errors: list[ParamError], path: str = "simulation") -> Si
             errors.append(ParamError(f"{ipath}.model", f"simulator {model!r} failed to load: {e}"))
             continue
         schema: dict[str, Field] = getattr(cls, "options", {})
-        opts: dict[str, Any] = {}
-        for key, value in spec.items():
-            if key == "model":
-                continue
-            if key not in schema:
-                errors.append(ParamError(f"{ipath}.{key}", "unknown key", "one of model, " + ", ".join(sorted(schema))))
-                continue
-            try:
-                opts[key] = check_value(value, schema[key], f"{ipath}.{key}")
-            except ParamError as e:
-                errors.append(e)
-        for key, fld in schema.items():
-            if key not in opts:
-                if fld.default is REQUIRED and key not in spec:
-                    errors.append(ParamError(f"{ipath}.{key}", "missing", fld.allowed()))
-                else:
-                    opts.setdefault(key, fld.default)
+        opts = validate_table(spec, schema, ipath, errors, extra_keys=("model",))
         instruments[name] = InstrumentConfig(name, model, cls, opts)
     if bench is None:
         return None

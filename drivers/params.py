@@ -13,13 +13,14 @@ RPC parameters are declared on driver methods with ``typing.Annotated``::
 
 from __future__ import annotations
 
+import copy
 import math
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Field", "ParamError", "REQUIRED", "check_value", "type_name"]
+__all__ = ["Field", "ParamError", "REQUIRED", "check_value", "type_name", "validate_table"]
 
 
 class _Required:
@@ -196,3 +197,47 @@ def check_value(value: Any, field: Field, path: str, typ: Any = None) -> Any:
             if field.max is not None and item > field.max:
                 raise ParamError(path, f"{item!r} is above the maximum", field.allowed(typ))
     return value
+
+
+def validate_table(raw: Any, schema: dict[str, Field], path: str, errors: list[ParamError], *,
+                   custom: tuple[str, ...] = (), extra_keys: tuple[str, ...] = (),
+                   not_table_hint: str | None = None) -> dict[str, Any]:
+    """Validate one config table against ``schema``, appending every problem to ``errors``.
+
+    Reports unknown keys, missing required keys and bad values, each with its key path (``path.key``).
+    Returns a value for every schema key: the checked value, else a copy of the default (None for a
+    required key). Keys in ``custom`` are returned unchecked for the caller to check; ``extra_keys`` are
+    keys the caller reads itself: accepted, listed first among the allowed keys, not returned.
+    A ``raw`` that is not a table is one error (allowed: ``not_table_hint``) and gives all defaults.
+    """
+
+    def default(fld: Field) -> Any:
+        return None if fld.default is REQUIRED else copy.deepcopy(fld.default)
+
+    if not isinstance(raw, dict):
+        errors.append(ParamError(path, f"expected a table, got {type(raw).__name__}", not_table_hint))
+        return {k: default(f) for k, f in schema.items()}
+    out: dict[str, Any] = {}
+    for key in raw:
+        if key not in schema and key not in extra_keys:
+            allowed = "one of " + ", ".join([*extra_keys, *sorted(schema)])
+            errors.append(ParamError(_join(path, key), "unknown key", allowed))
+    for key, fld in schema.items():
+        kp = _join(path, key)
+        if key not in raw:
+            if fld.default is REQUIRED:
+                errors.append(ParamError(kp, "missing", fld.allowed()))
+            out[key] = default(fld)
+        elif key in custom:
+            out[key] = raw[key]
+        else:
+            try:
+                out[key] = check_value(raw[key], fld, kp)
+            except ParamError as e:
+                errors.append(e)
+                out[key] = default(fld)
+    return out
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

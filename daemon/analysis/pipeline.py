@@ -34,7 +34,7 @@ from daemon.analysis.coincidences import CoincidenceEngine, EngineSpec, Interval
 from daemon.analysis.histograms import HistogramAccumulator, spec_from_range
 from daemon.analysis.statistics import BELL_STATES, link_statistics
 from drivers.base import TagBatch
-from drivers.params import REQUIRED, Field, ParamError, check_value
+from drivers.params import Field, ParamError, validate_table
 
 __all__ = [
     "ANALYSIS_FIELDS",
@@ -107,31 +107,6 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _table(raw: Any, schema: dict[str, Field], path: str, errors: list[ParamError]) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        errors.append(ParamError(path, f"expected a table, got {type(raw).__name__}"))
-        return {k: copy.deepcopy(f.default) for k, f in schema.items() if f.default is not REQUIRED}
-    out: dict[str, Any] = {}
-    for key in raw:
-        if key not in schema:
-            errors.append(ParamError(_join(path, key), "unknown key", "one of " + ", ".join(sorted(schema))))
-    for key, fld in schema.items():
-        kp = _join(path, key)
-        if key not in raw:
-            if fld.default is REQUIRED:
-                errors.append(ParamError(kp, "missing", fld.allowed()))
-                out[key] = None
-            else:
-                out[key] = copy.deepcopy(fld.default)
-            continue
-        try:
-            out[key] = check_value(raw[key], fld, kp)
-        except ParamError as e:
-            errors.append(e)
-            out[key] = None if fld.default is REQUIRED else copy.deepcopy(fld.default)
-    return out
-
-
 def _channels(value: Any, path: str, errors: list[ParamError], count: int | None = None) -> bool:
     ok = True
     if count is not None and (not isinstance(value, list) or len(value) != count):
@@ -150,8 +125,8 @@ def validate(raw: Any, path: str = "analysis", channel_count: int | None = None
     ``channel_count`` (the tagger's, if known) also checks that every channel exists.
     """
     errors: list[ParamError] = []
-    cfg = _table({} if raw is None else raw, ANALYSIS_FIELDS, path, errors)
-    cfg["matrix"] = _table(cfg.get("matrix") or {}, MATRIX_FIELDS, _join(path, "matrix"), errors)
+    cfg = validate_table({} if raw is None else raw, ANALYSIS_FIELDS, path, errors)
+    cfg["matrix"] = validate_table(cfg.get("matrix") or {}, MATRIX_FIELDS, _join(path, "matrix"), errors)
     for key in ("alice", "bob"):
         _channels(cfg["matrix"][key], _join(path, f"matrix.{key}"), errors)
     used: list[tuple[str, int]] = []
@@ -180,7 +155,7 @@ def validate(raw: Any, path: str = "analysis", channel_count: int | None = None
     hists = []
     for i, h in enumerate(cfg.get("histograms") or []):
         kp = f"{_join(path, 'histograms')}[{i}]"
-        t = _table(h, HISTOGRAM_FIELDS, kp, errors)
+        t = validate_table(h, HISTOGRAM_FIELDS, kp, errors)
         hists.append(t)
         name = t.get("name")
         if isinstance(name, str):
@@ -208,7 +183,7 @@ def validate(raw: Any, path: str = "analysis", channel_count: int | None = None
     lnames: set[str] = set()
     for i, lk in enumerate(cfg.get("links") or []):
         kp = f"{_join(path, 'links')}[{i}]"
-        t = _table(lk, LINK_FIELDS, kp, errors)
+        t = validate_table(lk, LINK_FIELDS, kp, errors)
         links.append(t)
         name = t.get("name")
         if isinstance(name, str):

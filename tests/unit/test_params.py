@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.params import REQUIRED, Field, ParamError, check_value, type_name
+from drivers.params import REQUIRED, Field, ParamError, check_value, type_name, validate_table
 
 
 # -- integers --------------------------------------------------------------------------------------------
@@ -251,3 +251,30 @@ def test_required_sentinel_and_describe():
     d = Field(float, unit="mA", min=0, limit="current_ma", doc="drive").describe()
     assert d == {"type": "number", "unit": "mA", "min": 0, "limit": "current_ma", "doc": "drive"}
     assert Field(str, choices=("x",)).describe()["choices"] == ["x"]
+
+
+# -- validate_table --------------------------------------------------------------------------------------
+
+SCHEMA = {"name": Field(str), "n": Field(int, 3, min=0), "xs": Field(list[int], [1, 2])}
+
+
+def test_validate_table_reports_every_problem_with_its_path():
+    errors: list[ParamError] = []
+    out = validate_table({"n": -1, "bogus": 1}, SCHEMA, "t", errors)
+    assert [(e.path, e.message) for e in errors] == [
+        ("t.bogus", "unknown key"), ("t.name", "missing"), ("t.n", "-1 is below the minimum")]
+    assert errors[0].allowed == "one of n, name, xs"
+    assert out == {"name": None, "n": 3, "xs": [1, 2]}
+    assert out["xs"] is not SCHEMA["xs"].default  # defaults are copies
+
+
+def test_validate_table_custom_extra_keys_and_not_a_table():
+    errors: list[ParamError] = []
+    out = validate_table({"name": "a", "xs": "raw", "model": "m"}, SCHEMA, "", errors,
+                         custom=("xs",), extra_keys=("model",))
+    assert errors == [] and out == {"name": "a", "n": 3, "xs": "raw"}
+    validate_table({"zz": 1}, SCHEMA, "", errors, extra_keys=("model",))
+    assert errors[0].path == "zz" and errors[0].allowed == "one of model, n, name, xs"
+    errors.clear()
+    assert validate_table([], SCHEMA, "t", errors, not_table_hint="a TOML table") == {"name": None, "n": 3, "xs": [1, 2]}
+    assert str(errors[0]) == "t: expected a table, got list; allowed: a TOML table"

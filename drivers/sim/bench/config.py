@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.params import REQUIRED, Field, ParamError, check_value
+from drivers.params import Field, ParamError, check_value, validate_table
 
 __all__ = [
     "ARM_FIELDS",
@@ -295,31 +295,8 @@ def _join(path: str, key: str) -> str:
 
 
 def _table(raw: Any, schema: dict[str, Field], path: str, errors: list[ParamError],
-           custom: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Check one table: unknown keys, each value. Keys in ``custom`` are returned raw for the caller to check."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        errors.append(ParamError(path, f"expected a table, got {type(raw).__name__}", "a TOML table"))
-        raw = {}
-    out: dict[str, Any] = {}
-    for key in raw:
-        if key not in schema and key not in ignore:
-            errors.append(ParamError(_join(path, key), "unknown key", "one of " + ", ".join(sorted([*schema, *ignore]))))
-    for key, fld in schema.items():
-        kp = _join(path, key)
-        if key not in raw:
-            out[key] = None if fld.default is REQUIRED else fld.default
-            continue
-        if key in custom:
-            out[key] = raw[key]
-            continue
-        try:
-            out[key] = check_value(raw[key], fld, kp)
-        except ParamError as e:
-            errors.append(e)
-            out[key] = fld.default
-    return out
+           custom: tuple[str, ...] = ()) -> dict[str, Any]:
+    return validate_table(raw, schema, path, errors, custom=custom, not_table_hint="a TOML table")
 
 
 def _number_or_list(value: Any, fld: Field, path: str, n: int, errors: list[ParamError]) -> tuple[float, ...] | None:
@@ -384,8 +361,8 @@ def validate(raw: dict, path: str = "simulation") -> tuple[BenchConfig | None, l
         raw = {}
     if not isinstance(raw, dict):
         return None, [ParamError(path, f"expected a table, got {type(raw).__name__}", "a TOML table")]
-    top_schema = {**TOP_FIELDS, **{k: Field(dict, {}, doc=f"[{path}.{k}]") for k in SUBTABLES}}
-    top = _table(raw, top_schema, path, errors, custom=SUBTABLES, ignore=IGNORED)
+    top_schema = {**TOP_FIELDS, **{k: Field(dict, {}, doc=f"[{path}.{k}]") for k in (*SUBTABLES, *IGNORED)}}
+    top = _table(raw, top_schema, path, errors, custom=(*SUBTABLES, *IGNORED))
 
     source = _table(top["source"], SOURCE_FIELDS, _join(path, "source"), errors)
     pump = _table(top["pump"], PUMP_FIELDS, _join(path, "pump"), errors)
@@ -403,7 +380,7 @@ def validate(raw: dict, path: str = "simulation") -> tuple[BenchConfig | None, l
     for key in arms_raw:
         if key not in ARM_FIELDS:
             errors.append(ParamError(_join(arms_path, key), "unknown arm", "alice, bob"))
-    arms = {arm: ArmConfig(**_table(arms_raw.get(arm), ARM_FIELDS[arm], _join(arms_path, arm), errors))
+    arms = {arm: ArmConfig(**_table(arms_raw.get(arm, {}), ARM_FIELDS[arm], _join(arms_path, arm), errors))
             for arm in ARM_FIELDS}
 
     rp = _join(path, "receivers")
