@@ -47,17 +47,13 @@ answer), :meth:`power_cycle`, :attr:`history` (command lines received), :attr:`v
 from __future__ import annotations
 
 import collections
-import os
 import re
-import select
-import tempfile
-import threading
 import time
-import tty
 from typing import Any, ClassVar
 
 from drivers.params import Field
 from drivers.sim.bench.state import BenchState
+from drivers.sim.instruments.pty import PtySimulator
 
 CHANNELS = 4
 MAX_FREQUENCY_HZ = 100
@@ -69,7 +65,7 @@ _V_SET = re.compile(r"^V([1-4]),([+-]?\d{1,6})$")
 _F_SET = re.compile(r"^F([1-4]),([+-]?\d{1,6})$")
 
 
-class SimEPC04:
+class SimEPC04(PtySimulator):
     """An OZ Optics EPC-04 on a pseudo-terminal; its state is its own (see the module docstring)."""
 
     model: ClassVar[str] = "ozoptics_epc04"
@@ -92,93 +88,34 @@ class SimEPC04:
             opts[key] = value
         if opts["out_of_range"] not in ("error", "clamp"):
             raise ValueError(f"SimEPC04 {name}: out_of_range must be 'error' or 'clamp'")
-        self.name = name
+        super().__init__(name, "epc", "epc")
         self.state = state  # not used: the EPC-04's voltages do not map onto the bench's waveplates
         self.opts = opts
-        self._lock = threading.RLock()
-        self._dir = tempfile.mkdtemp(prefix="qnetd-epc-")
-        self._link = os.path.join(self._dir, name.replace("/", "_") or "epc")
-        self._master: int | None = None
-        self._slave: int | None = None
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
-        self._thread: threading.Thread | None = None
-        self._running = False
         self._in = bytearray()
-        self._out = bytearray()
-        self._fragment: tuple[int, float] | None = None
-        self._next_write = 0.0
         self._overrides: dict[str, bytes] = {}
         self._restart_until: float | None = None
         self.stall = False
         self.history: collections.deque[str] = collections.deque(maxlen=1000)
         self.power_cycle()
 
-    # -- SimInstrument ----------------------------------------------------------------------------------
-    @property
-    def address(self) -> str:
-        """Stable path of the port (a symlink to the current pty slave); open it with pyserial."""
-        return self._link
+    # -- PtySimulator hooks -----------------------------------------------------------------------------
+    def _on_plug(self) -> None:
+        self._in.clear()
 
-    @property
-    def tty_path(self) -> str | None:
-        return os.ttyname(self._slave) if self._slave is not None else None
+    def _on_unplug(self, now: float) -> None:
+        if self._restart_until is not None:  # unplugged mid-restart: it comes back restarted
+            self._restart_until = None
+            self._reset()
 
-    @property
-    def running(self) -> bool:
-        return self._running
-
-    def start(self) -> None:
-        with self._lock:
-            if self._running:
-                return
-            master, slave = os.openpty()
-            tty.setraw(slave)
-            os.set_blocking(master, False)
-            self._master, self._slave = master, slave
-            self._wake_r, self._wake_w = os.pipe()
-            os.makedirs(self._dir, mode=0o700, exist_ok=True)
-            tmp = self._link + ".new"
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            os.symlink(os.ttyname(slave), tmp)
-            os.replace(tmp, self._link)
-            self._in.clear()
-            self._out.clear()
-            self._running = True
-            self._thread = threading.Thread(target=self._serve, name=f"sim-{self.name}-epc", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Unplug: the pty closes and the address disappears. Voltages, mode and frequencies are kept."""
-        with self._lock:
-            if not self._running:
-                return
-            self._running = False
-            self._poke()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2)
-        with self._lock:
-            for fd in (self._master, self._slave, self._wake_r, self._wake_w):
-                if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-            self._master = self._slave = self._wake_r = self._wake_w = None
-            self._thread = None
-            if self._restart_until is not None:  # unplugged mid-restart: it comes back restarted
-                self._restart_until = None
-                self._reset()
-            try:
-                os.unlink(self._link)
-            except FileNotFoundError:
-                pass
-            try:
-                os.rmdir(self._dir)
-            except OSError:
-                pass
+    def _tick(self, now: float) -> float:
+        if self._restart_until is not None and now >= self._restart_until:
+            self._restart_until = None
+            self._reset()
+            self._out += DONE
+        timeout = 1.0
+        if self._restart_until is not None:
+            timeout = max(0.0, min(timeout, self._restart_until - now))
+        return timeout
 
     # -- test controls ----------------------------------------------------------------------------------
     def power_cycle(self) -> None:
@@ -212,12 +149,6 @@ class SimEPC04:
         with self._lock:
             return self._restart_until is not None
 
-    def inject(self, data: bytes) -> None:
-        """Write raw bytes to the host now."""
-        with self._lock:
-            self._out += data
-            self._poke()
-
     def override(self, command: str, raw: bytes | None) -> None:
         """Answer ``command`` (upper case, as received without the terminator) with ``raw`` bytes verbatim,
         doing nothing else; None: back to normal."""
@@ -226,11 +157,6 @@ class SimEPC04:
                 self._overrides.pop(command.upper(), None)
             else:
                 self._overrides[command.upper()] = bytes(raw)
-
-    def fragment_writes(self, size: int | None, gap_s: float = 0.002) -> None:
-        """Write output ``size`` bytes at a time with ``gap_s`` between writes (None: at once)."""
-        with self._lock:
-            self._fragment = None if size is None else (max(1, int(size)), float(gap_s))
 
     def handle_line(self, line: str) -> bytes:
         """Execute one command line (no terminator); return the reply bytes (no echo)."""
@@ -280,13 +206,6 @@ class SimEPC04:
         return ERROR
 
     # -- serving thread ---------------------------------------------------------------------------------
-    def _poke(self) -> None:
-        if self._wake_w is not None:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
-
     def _take_lines(self) -> list[str]:
         lines = []
         while True:
@@ -314,63 +233,6 @@ class SimEPC04:
                 self._restart_until = now + float(self.opts["restart_s"])
                 continue
             self._out += self._execute(line)
-
-    def _serve(self) -> None:
-        master, wake = self._master, self._wake_r
-        assert master is not None and wake is not None
-        while True:
-            with self._lock:
-                if not self._running:
-                    return
-                now = time.monotonic()
-                if self._restart_until is not None and now >= self._restart_until:
-                    self._restart_until = None
-                    self._reset()
-                    self._out += DONE
-                timeout = 1.0
-                if self._restart_until is not None:
-                    timeout = max(0.0, min(timeout, self._restart_until - now))
-                want_write = bool(self._out) and now >= self._next_write
-                if self._out and not want_write:
-                    timeout = min(timeout, max(0.0, self._next_write - now))
-            try:
-                readable, writable, _ = select.select([master, wake], [master] if want_write else [], [], timeout)
-            except (OSError, ValueError):
-                return
-            if wake in readable:
-                try:
-                    os.read(wake, 4096)
-                except OSError:
-                    pass
-            if master in readable:
-                try:
-                    data = os.read(master, 4096)
-                except BlockingIOError:
-                    data = b""
-                except OSError:
-                    data = b""  # no process has the slave open right now (EIO): wait for one
-                    time.sleep(0.01)
-                if data:
-                    with self._lock:
-                        self._on_data(data, time.monotonic())
-            if master in writable:
-                with self._lock:
-                    self._flush(master)
-
-    def _flush(self, master: int) -> None:
-        if not self._out:
-            return
-        chunk = self._out if self._fragment is None else self._out[: self._fragment[0]]
-        try:
-            n = os.write(master, chunk)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._out.clear()
-            return
-        del self._out[:n]
-        if self._fragment is not None:
-            self._next_write = time.monotonic() + self._fragment[1]
 
 
 def _channels_line(values: list[int]) -> bytes:

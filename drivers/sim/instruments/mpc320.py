@@ -45,12 +45,7 @@ and homes never finish), :meth:`power_cycle`, :meth:`channel`, :meth:`received_m
 from __future__ import annotations
 
 import collections
-import os
-import select
-import tempfile
-import threading
 import time
-import tty
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,6 +53,7 @@ from drivers import apt
 from drivers.apt import DISABLE, ENABLE, Message, MsgId, StatusBits
 from drivers.params import Field
 from drivers.sim.bench.state import ARMS, BenchState
+from drivers.sim.instruments.pty import PtySimulator
 
 MODEL_NAMES = {3: "MPC320", 2: "MPC220"}  # paddles -> the model reported in HW_GET_INFO
 TICK_S = 0.02  # how often a moving paddle's angle is written to the bench
@@ -91,7 +87,7 @@ class _Channel:
         return m.start + (m.target - m.start) * frac
 
 
-class SimMPC320:
+class SimMPC320(PtySimulator):
     """A Thorlabs MPC320/MPC220 on a pseudo-terminal, acting on the paddles of one bench arm."""
 
     model: ClassVar[str] = "thorlabs_mpc320"
@@ -127,26 +123,14 @@ class SimMPC320:
         fw = tuple(int(p) for p in str(opts["firmware"]).split("."))
         if len(fw) != 3 or not all(0 <= p <= 255 for p in fw):
             raise ValueError("firmware must be major.interim.minor, each 0..255")
-        self.name = name
+        super().__init__(name, "apt", "mpc")
         self.state = state
         self.opts = opts
         self.arm: str = opts["arm"]
         self.paddle_count: int = opts["paddles"]
         self.model_name = MODEL_NAMES[self.paddle_count]  # test code may change it (e.g. to an unknown model)
         self._firmware: tuple[int, int, int] = fw  # type: ignore[assignment]
-        self._lock = threading.RLock()
-        self._dir = tempfile.mkdtemp(prefix="qnetd-apt-")
-        self._link = os.path.join(self._dir, name.replace("/", "_") or "mpc")
-        self._master: int | None = None
-        self._slave: int | None = None
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
-        self._thread: threading.Thread | None = None
-        self._running = False
-        self._out = bytearray()  # bytes waiting to be written to the master
         self._prefix = bytearray()  # bytes to emit right before the next reply
-        self._fragment: tuple[int, float] | None = None
-        self._next_write = 0.0
         self.received: collections.deque[Message] = collections.deque(maxlen=1000)
         self.identify_count = 0
         self.stall_moves = False
@@ -154,79 +138,28 @@ class SimMPC320:
 
     # -- SimInstrument --------------------------------------------------------------------------------------
     @property
-    def address(self) -> str:
-        """Stable path of the port (a symlink to the current pty slave); open it with pyserial."""
-        return self._link
-
-    @property
     def driver_options(self) -> dict[str, Any]:
         """Driver options that follow from this instrument (the daemon copies them into a device whose
         options refer to it as ``sim://NAME``): an MPC220 simulator makes the driver expect 2 paddles."""
         return {"paddles": self.paddle_count}
 
-    @property
-    def tty_path(self) -> str | None:
-        """The pty slave the address currently points at (None while stopped)."""
-        return os.ttyname(self._slave) if self._slave is not None else None
+    # -- PtySimulator hooks -----------------------------------------------------------------------------
+    def _on_plug(self) -> None:
+        self._prefix.clear()
+        self._reader = apt.FrameReader(own_address=apt.DEVICE, peer_address=None)
+        self._next_update = time.monotonic()
 
-    @property
-    def running(self) -> bool:
-        return self._running
+    def _on_unplug(self, now: float) -> None:
+        for i in range(self.paddle_count):
+            self._halt(i, now)  # a paddle in motion stops where it is
 
-    def start(self) -> None:
-        with self._lock:
-            if self._running:
-                return
-            master, slave = os.openpty()
-            tty.setraw(slave)  # no echo or newline translation before (or without) pyserial configuring it
-            os.set_blocking(master, False)
-            self._master, self._slave = master, slave
-            self._wake_r, self._wake_w = os.pipe()
-            os.makedirs(self._dir, mode=0o700, exist_ok=True)
-            tmp = self._link + ".new"
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            os.symlink(os.ttyname(slave), tmp)
-            os.replace(tmp, self._link)
-            self._out.clear()
-            self._prefix.clear()
-            self._reader = apt.FrameReader(own_address=apt.DEVICE, peer_address=None)
-            self._running = True
-            self._next_update = time.monotonic()
-            self._thread = threading.Thread(target=self._serve, name=f"sim-{self.name}-apt", daemon=True)
-            self._thread.start()
+    def _tick(self, now: float) -> float:
+        self._advance(now)
+        return self._next_deadline(now)
 
-    def stop(self) -> None:
-        """Unplug: the pty closes (an open driver's I/O fails) and the address disappears. State is kept;
-        a paddle in motion stops where it is."""
-        with self._lock:
-            if not self._running:
-                return
-            self._running = False
-            self._poke()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2)
-        with self._lock:
-            now = time.monotonic()
-            for i in range(self.paddle_count):
-                self._halt(i, now)
-            for fd in (self._master, self._slave, self._wake_r, self._wake_w):
-                if fd is not None:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-            self._master = self._slave = self._wake_r = self._wake_w = None
-            self._thread = None
-            try:
-                os.unlink(self._link)
-            except FileNotFoundError:
-                pass
-            try:
-                os.rmdir(self._dir)
-            except OSError:
-                pass
+    def _on_data(self, data: bytes, now: float) -> None:
+        for msg in self._reader.feed(data):
+            self._handle(msg)
 
     # -- test controls ------------------------------------------------------------------------------------
     def power_cycle(self) -> None:
@@ -241,12 +174,6 @@ class SimMPC320:
             self._params = apt.PolParams(velocity=self.opts["velocity_percent"])
             self._updates = bool(self.opts["updates_at_power_up"])
             self._next_update = time.monotonic()
-
-    def inject(self, data: bytes) -> None:
-        """Write raw bytes to the host now (garbage, a hand-made frame)."""
-        with self._lock:
-            self._out += data
-            self._poke()
 
     def send(self, msg: Message) -> None:
         """Send any message to the host now."""
@@ -263,11 +190,6 @@ class SimMPC320:
         messages or garbage between its request and the reply)."""
         with self._lock:
             self._prefix += data
-
-    def fragment_writes(self, size: int | None, gap_s: float = 0.002) -> None:
-        """Write output ``size`` bytes at a time with ``gap_s`` between writes (None: write at once)."""
-        with self._lock:
-            self._fragment = None if size is None else (max(1, int(size)), float(gap_s))
 
     def channel(self, paddle: int) -> dict[str, Any]:
         """The device's view of a paddle: counter, physical angle, enabled, homed, moving."""
@@ -303,67 +225,6 @@ class SimMPC320:
         return [m.msg_id for m in self.received_messages()]
 
     # -- serving thread ---------------------------------------------------------------------------------
-    def _poke(self) -> None:
-        if self._wake_w is not None:
-            try:
-                os.write(self._wake_w, b"x")
-            except OSError:
-                pass
-
-    def _serve(self) -> None:
-        master, wake = self._master, self._wake_r
-        assert master is not None and wake is not None
-        while True:
-            with self._lock:
-                if not self._running:
-                    return
-                now = time.monotonic()
-                self._advance(now)
-                timeout = self._next_deadline(now)
-                want_write = bool(self._out) and now >= self._next_write
-                if self._out and not want_write:
-                    timeout = min(timeout, max(0.0, self._next_write - now))
-            try:
-                readable, writable, _ = select.select([master, wake], [master] if want_write else [], [], timeout)
-            except (OSError, ValueError):
-                return
-            if wake in readable:
-                try:
-                    os.read(wake, 4096)
-                except OSError:
-                    pass
-            if master in readable:
-                try:
-                    data = os.read(master, 4096)
-                except BlockingIOError:
-                    data = b""
-                except OSError:
-                    # no process has the slave open right now (EIO on some systems): wait for one
-                    data = b""
-                    time.sleep(0.01)
-                if data:
-                    with self._lock:
-                        for msg in self._reader.feed(data):
-                            self._handle(msg)
-            if master in writable:
-                with self._lock:
-                    self._flush(master)
-
-    def _flush(self, master: int) -> None:
-        if not self._out:
-            return
-        chunk = self._out if self._fragment is None else self._out[: self._fragment[0]]
-        try:
-            n = os.write(master, chunk)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._out.clear()
-            return
-        del self._out[:n]
-        if self._fragment is not None:
-            self._next_write = time.monotonic() + self._fragment[1]
-
     def _next_deadline(self, now: float) -> float:
         deadline = 1.0
         moving = False
