@@ -45,12 +45,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+from drivers import net
 from drivers.base import DeviceError, PhotonDetector, exposed
+from drivers.jsonstream import split_objects
 from drivers.params import REQUIRED, Field, ParamError
 
 CONTROL_PORT = 12000
 COUNTS_PORT = 12345
-ETB = "\x17"
 SEND_TERMINATOR = ""  # appended to every message the driver sends (the vendor's driver sends none)
 MAX_PENDING = 1 << 20  # bytes of an unterminated reply before it is declared malformed
 ERROR_GRACE_S = 0.25  # after an error broadcast, how long to wait for the rest of the reply (keeps the stream in step)
@@ -103,90 +104,19 @@ class JsonFramer:
         return self._buf
 
     def feed(self, data: bytes) -> list[Any]:
-        self._buf += self._decoder.decode(data)
+        items, self._buf = split_objects(self._buf + self._decoder.decode(data))
         out: list[Any] = []
-        buf, i, n = self._buf, 0, len(self._buf)
-        while i < n:
-            c = buf[i]
-            if c == ETB or c.isspace():
-                i += 1
-                continue
-            if c != "{":  # garbage up to the next object or separator
-                j = i
-                while j < n and buf[j] not in "{\x17":
-                    j += 1
-                out.append(Malformed(buf[i:j]))
-                i = j
-                continue
-            end, cut = _object_end(buf, i)
-            if end is not None:
-                text = buf[i:end]
-                try:
-                    out.append(json.loads(text))
-                except ValueError:
-                    out.append(Malformed(text))
-                i = end
-            elif cut is not None:
-                out.append(Malformed(buf[i:cut]))
-                i = cut + 1
-            else:
-                if n - i > MAX_PENDING:
-                    out.append(Malformed(buf[i:i + 80] + "..."))
-                    i = n
-                break
-        self._buf = buf[i:]
+        for is_object, text in items:
+            try:
+                out.append(json.loads(text) if is_object else Malformed(text))
+            except ValueError:
+                out.append(Malformed(text))
         return out
-
-
-def _object_end(buf: str, start: int) -> tuple[int | None, int | None]:
-    """(end, None) if the object at ``start`` closes at ``end``; (None, k) if an ETB at k cuts it; (None, None)
-    if the buffer ends first."""
-    depth, in_str, esc = 0, False, False
-    for j in range(start, len(buf)):
-        ch = buf[j]
-        if ch == ETB:
-            return None, j
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return j + 1, None
-    return None, None
 
 
 def parse_address(address: str, default_port: int = CONTROL_PORT) -> tuple[str, int]:
     """``host``, ``host:port``, ``[v6]:port`` or ``tcp://host:port`` -> (host, port). ValueError if invalid."""
-    text = address.strip()
-    if text.startswith("tcp://"):
-        text = text[len("tcp://"):]
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad address {address!r}")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-        if not port_text:
-            raise ValueError(f"bad address {address!r}: empty port")
-    else:
-        host, port_text = text, ""  # a bare host name, IPv4 or IPv6 address
-    if not host or any(c in host for c in "/[] "):
-        raise ValueError(f"bad address {address!r}: expected host, host:port or [ipv6]:port")
-    if not port_text:
-        return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad port in address {address!r}")
-    return host, int(port_text)
+    return net.parse_address(address, default_port)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -307,8 +237,7 @@ class SingleQuantumEos(PhotonDetector):
                                   "the daemon's [simulation])")
         host, port = parse_address(address)
         with self._lock:
-            self._sock = socket.create_connection((host, port), timeout=self.timeout)
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = net.connect(host, port, self.timeout)
             reading = self._read("labelProps", voltage=False)
             n = reading.channels
             want = int(self.opts["channels"] or 0)
@@ -359,10 +288,8 @@ class SingleQuantumEos(PhotonDetector):
     def _recv_into_queue(self, sock: socket.socket, timeout: float | None) -> bool:
         """Read once (waiting up to ``timeout``; None: only what is already there) and frame what came.
         False if nothing came."""
-        sock.settimeout(timeout if timeout is not None else 0.0)
-        try:
-            data = sock.recv(65536)
-        except (BlockingIOError, InterruptedError, socket.timeout):
+        data = net.recv_some(sock, timeout)
+        if data is None:
             return False
         if not data:
             raise ConnectionError(f"{self.name}: the controller closed the control connection")
@@ -757,10 +684,8 @@ class SingleQuantumEos(PhotonDetector):
     def _counts_read(self, sock: socket.socket, timeout: float | None) -> bool:
         """Read once (waiting up to ``timeout``; None: only what is there); keep the last complete line.
         False if nothing came."""
-        sock.settimeout(timeout if timeout is not None else 0.0)
-        try:
-            data = sock.recv(65536)
-        except (BlockingIOError, InterruptedError, socket.timeout):
+        data = net.recv_some(sock, timeout)
+        if data is None:
             return False
         if not data:
             raise ConnectionError(f"{self.name}: the controller closed the counts connection")

@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import math
 import re
-import select
 import socket
 import threading
 import time
 from typing import Any
 
+from drivers import net
 from drivers.base import DeviceError, Laser
 from drivers.params import REQUIRED, Field, ParamError
 
@@ -60,27 +60,7 @@ _INT = re.compile(r"^[+-]?\d+$")
 
 def parse_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """``host``, ``host:port``, ``[v6]:port`` or ``tcp://host:port`` -> (host, port). ValueError if invalid."""
-    text = address.strip()
-    if text.startswith("tcp://"):
-        text = text[len("tcp://"):]
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad address {address!r}")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-        if not port_text:
-            raise ValueError(f"bad address {address!r}: empty port")
-    else:
-        host, port_text = text, ""
-    if not host or any(c in host for c in "/[] "):
-        raise ValueError(f"bad address {address!r}: expected host, host:port or [ipv6]:port")
-    if not port_text:
-        return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad port in address {address!r}")
-    return host, int(port_text)
+    return net.parse_address(address, default_port)
 
 
 class DecopLink:
@@ -97,8 +77,7 @@ class DecopLink:
 
     def open(self) -> str:
         """Connect and read the banner up to the first prompt; returns the banner text."""
-        sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = net.connect(self.host, self.port, self.timeout_s)
         self._sock, self._buf = sock, b""
         try:
             self.banner = self._read_reply("(banner)")
@@ -125,11 +104,7 @@ class DecopLink:
         sock = self._socket()
         stale = self._buf
         self._buf = b""
-        while True:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
-                break
-            data = sock.recv(65536)
+        while (data := net.recv_some(sock, None)) is not None:
             if not data:
                 raise ConnectionError("the DLC pro closed the connection")
             stale += data
@@ -158,10 +133,8 @@ class DecopLink:
                                       command)
                 raise TimeoutError(f"no reply from the DLC pro at {self.host}:{self.port} to {command} "
                                    f"within {self.timeout_s:g} s")
-            sock.settimeout(remaining)
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
+            chunk = net.recv_some(sock, remaining)
+            if chunk is None:
                 continue
             if not chunk:
                 raise ConnectionError("the DLC pro closed the connection")

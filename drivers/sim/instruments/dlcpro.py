@@ -78,7 +78,7 @@ from typing import Any, Callable, ClassVar
 
 from drivers.params import Field
 from drivers.sim.bench.state import BenchState
-from drivers.sim.instruments.tcp import TcpServer, read_lines
+from drivers.sim.instruments.tcp import Client, TcpServer, read_lines
 
 PROMPT = "\n> "
 BANNER_FIRST_LINE = "DeCoP RealTime CommandLine"  # assumed banner text
@@ -159,12 +159,6 @@ class _Param:
         self.set = set
 
 
-class _Client:
-    def __init__(self, conn: socket.socket) -> None:
-        self.conn = conn
-        self.lock = threading.Lock()
-
-
 class SimDLCPro:
     """Simulated Toptica DLC pro on a TCP socket, driving ``BenchState.laser`` (see the module docstring)."""
 
@@ -203,7 +197,7 @@ class SimDLCPro:
         self._ul = NORMAL_UL
         self._temp_set_c = AMBIENT_C
         self._overrides: dict[str, str] = {}
-        self._clients: set[_Client] = set()
+        self._clients: set[Client] = set()
         self._fragment: tuple[int, float] | None = None
         self.stall = False
         self.history: deque[str] = deque(maxlen=1000)
@@ -451,7 +445,7 @@ class SimDLCPro:
         return (text + PROMPT).encode("utf-8")
 
     def _serve(self, conn: socket.socket) -> None:
-        client = _Client(conn)
+        client = Client(conn)
         with self._lock:
             self._clients.add(client)
         try:
@@ -469,20 +463,10 @@ class SimDLCPro:
             with self._lock:
                 self._clients.discard(client)
 
-    def _write(self, client: _Client, data: bytes) -> None:
+    def _write(self, client: Client, data: bytes) -> None:
         with self._lock:
             fragment = self._fragment
-        try:
-            with client.lock:
-                if fragment is None:
-                    client.conn.sendall(data)
-                    return
-                size, gap = fragment
-                for i in range(0, len(data), size):
-                    client.conn.sendall(data[i:i + size])
-                    time.sleep(gap)
-        except OSError:
-            pass  # the client went away (or stop() closed it); its reader thread ends on its own
+        client.send(data, fragment)
 
 
 __all__ = ["DecopError", "PROMPT", "SimDLCPro", "ST_OUT_OF_RANGE", "format_value", "parse_value", "tokenize"]

@@ -66,12 +66,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from drivers.jsonstream import ETB, split_objects
 from drivers.params import Field
 from drivers.sim.bench.state import BenchState
-from drivers.sim.instruments.tcp import TcpServer
-
-ETB = "\x17"
-MAX_PENDING = 1 << 20  # an unterminated object longer than this is dropped as garbage
+from drivers.sim.instruments.tcp import Client, TcpServer
 
 # Label names (the first five are named in protocols.md / the vendor's driver; the identity labels are assumed).
 L_NDET = "NumberOfDetectors"
@@ -96,63 +94,7 @@ def split_messages(buf: str) -> tuple[list[tuple[bool, str]], str]:
     text)`` for garbage (text outside any object, or an object cut short by ``\\x17``); ``rest`` is an
     incomplete object to keep until more data arrives. ``\\x17`` and whitespace between objects are skipped.
     """
-    items: list[tuple[bool, str]] = []
-    i, n = 0, len(buf)
-    while i < n:
-        c = buf[i]
-        if c == ETB or c.isspace():
-            i += 1
-            continue
-        if c != "{":
-            j = i
-            while j < n and buf[j] not in "{\x17\n":
-                j += 1
-            items.append((False, buf[i:j]))
-            i = j
-            continue
-        depth, in_str, esc, j, end = 0, False, False, i, -1
-        while j < n:
-            ch = buf[j]
-            if ch == ETB:
-                break
-            if in_str:
-                if esc:
-                    esc = False
-                elif ch == "\\":
-                    esc = True
-                elif ch == '"':
-                    in_str = False
-            elif ch == '"':
-                in_str = True
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    end = j + 1
-                    break
-            j += 1
-        if end >= 0:
-            items.append((True, buf[i:end]))
-            i = end
-        elif j < n:  # an ETB inside the object: it was cut short
-            items.append((False, buf[i:j]))
-            i = j + 1
-        else:
-            rest = buf[i:]
-            if len(rest) > MAX_PENDING:
-                items.append((False, rest[:80] + "..."))
-                return items, ""
-            return items, rest
-    return items, ""
-
-
-class _Client:
-    """One control connection: its socket and a lock so replies and broadcasts do not interleave."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self.conn = conn
-        self.lock = threading.Lock()
+    return split_objects(buf, garbage_ends="{" + ETB + "\n")
 
 
 class SimEos:
@@ -198,7 +140,7 @@ class SimEos:
         self._period_ms = float(opts["measurement_period_ms"])
         self._rng = np.random.default_rng(int(opts["seed"]))
         self._lock = threading.Lock()  # period, rng, client sets, test controls
-        self._clients: set[_Client] = set()
+        self._clients: set[Client] = set()
         self._counts_conns = 0
         self._t0 = time.monotonic()
         self._fragment: tuple[int, float] | None = None
@@ -287,7 +229,7 @@ class SimEos:
 
     # -- control port -----------------------------------------------------------------------------------
     def _serve_control(self, conn: socket.socket) -> None:
-        client = _Client(conn)
+        client = Client(conn)
         with self._lock:
             self._clients.add(client)
         try:
@@ -306,7 +248,7 @@ class SimEos:
             with self._lock:
                 self._clients.discard(client)
 
-    def _handle(self, client: _Client, ok: bool, text: str) -> None:
+    def _handle(self, client: Client, ok: bool, text: str) -> None:
         msg: Any = None
         if ok:
             try:
@@ -325,7 +267,7 @@ class SimEos:
         else:
             self._error(f"message has neither 'request' nor 'command': {_clip(text)}")
 
-    def _request(self, client: _Client, msg: dict[str, Any]) -> None:
+    def _request(self, client: Client, msg: dict[str, Any]) -> None:
         what = msg["request"]
         props = self._label_props()
         if what == "labelProps":
@@ -422,7 +364,7 @@ class SimEos:
         text = "".join(parts) + ETB if concatenate else "".join(p + ETB for p in parts)
         return text.encode("utf-8")
 
-    def _send(self, client: _Client, messages: list[dict[str, Any]], concatenate: bool = False) -> None:
+    def _send(self, client: Client, messages: list[dict[str, Any]], concatenate: bool = False) -> None:
         self._write(client, self._encode(messages, concatenate))
 
     def _send_all(self, messages: list[dict[str, Any]]) -> None:
@@ -432,20 +374,10 @@ class SimEos:
         for c in clients:
             self._write(c, data)
 
-    def _write(self, client: _Client, data: bytes) -> None:
+    def _write(self, client: Client, data: bytes) -> None:
         with self._lock:
             fragment = self._fragment
-        try:
-            with client.lock:
-                if fragment is None:
-                    client.conn.sendall(data)
-                    return
-                size, gap = fragment
-                for k in range(0, len(data), size):
-                    client.conn.sendall(data[k:k + size])
-                    time.sleep(gap)
-        except OSError:
-            pass  # that client is gone; its reader thread cleans up
+        client.send(data, fragment)
 
     # -- counts port ------------------------------------------------------------------------------------
     def _serve_counts(self, conn: socket.socket) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from typing import Callable
 
 Handler = Callable[[socket.socket], None]
@@ -83,6 +84,29 @@ class TcpServer:
         if self._thread is not None:
             self._thread.join(timeout=2)
             self._thread = None
+
+
+class Client:
+    """One connection: its socket and a lock so replies and broadcasts do not interleave."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, data: bytes, fragment: tuple[int, float] | None = None) -> None:
+        """Send ``data``, with ``fragment = (size, gap_s)`` in pieces of ``size`` bytes ``gap_s`` apart. A
+        client that has gone away (or that stop() closed) is ignored: its reader thread ends on its own."""
+        try:
+            with self.lock:
+                if fragment is None:
+                    self.conn.sendall(data)
+                    return
+                size, gap = fragment
+                for i in range(0, len(data), size):
+                    self.conn.sendall(data[i:i + size])
+                    time.sleep(gap)
+        except OSError:
+            pass
 
 
 def read_lines(conn: socket.socket, terminator: bytes = b"\n", max_line: int = 65536):
