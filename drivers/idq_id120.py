@@ -29,7 +29,7 @@ from typing import Annotated, Any
 
 from drivers.base import DeviceError, PhotonDetector, exposed
 from drivers.params import REQUIRED, Field
-from drivers.visa import VisaLink, parse_float
+from drivers.visa import VisaLink, identity, parse_float, split_idn
 
 __all__ = ["IDQuantiqueID120"]
 
@@ -70,20 +70,13 @@ class IDQuantiqueID120(PhotonDetector):
         self._link = link
         try:
             idn = link.query("*IDN?")
-            parts = [p.strip() for p in idn.split(",")]
+            parts = split_idn(idn)
             vendor = parts[0].upper().replace(" ", "") if parts else ""
             if len(parts) < 2 or not vendor.startswith("IDQ") or "ID120" not in parts[1].upper():
                 raise DeviceError(f"not an ID Quantique ID120: *IDN? answered {idn[:80]!r}", "*IDN?")
-            self._idn = {
-                "vendor": "ID Quantique",
-                "model": parts[1],
-                "serial": parts[2] if len(parts) > 2 else "",
-                "firmware": ",".join(parts[3:]) if len(parts) > 3 else "",
-            }
+            self._idn = identity("ID Quantique", parts)
             if self.opts.get("error_queue"):
-                stale = link.read_errors()
-                if stale:
-                    self.log.warning("instrument had queued errors at connect", errors=[str(e) for e in stale])
+                link.drain_stale_errors()
         except BaseException:
             self.close()
             raise

@@ -31,7 +31,7 @@ from typing import Any
 
 from drivers.base import DeviceError, Laser
 from drivers.params import REQUIRED, Field
-from drivers.visa import VisaLink
+from drivers.visa import VisaLink, identity, split_idn
 
 __all__ = ["ThorlabsCLD", "TRIPS", "CONDITION_BITS"]
 
@@ -106,9 +106,7 @@ class ThorlabsCLD(Laser):
                 if unit not in _TEMP_UNITS:
                     raise DeviceError(f"unknown temperature unit {unit!r}", "UNIT:TEMP?")
                 self._temp_unit = _TEMP_UNITS[unit]
-            stale = link.read_errors()
-            if stale:
-                self.log.warning("instrument had queued errors at connect", errors=[str(e) for e in stale])
+            link.drain_stale_errors()
             link.write("*CLS")
         except BaseException:
             self.close()
@@ -116,15 +114,10 @@ class ThorlabsCLD(Laser):
 
     def _identify(self) -> None:
         idn = self._q("*IDN?")
-        parts = [p.strip() for p in idn.split(",")]
+        parts = split_idn(idn)
         if len(parts) < 2 or "THORLABS" not in parts[0].upper() or not _MODEL_RE.match(parts[1]):
             raise DeviceError(f"not a Thorlabs CLD/ITC/LDC controller: *IDN? answered {idn[:80]!r}", "*IDN?")
-        self._idn = {
-            "vendor": "Thorlabs",
-            "model": parts[1],
-            "serial": parts[2] if len(parts) > 2 else "",
-            "firmware": ",".join(parts[3:]) if len(parts) > 3 else "",
-        }
+        self._idn = identity("Thorlabs", parts)
         self._has_tec = not parts[1].upper().startswith("LDC")
         if not self._has_tec and self.opts["require_tec"]:
             raise DeviceError(f"{parts[1]} has no TEC output: set options.require_tec = false", "*IDN?")

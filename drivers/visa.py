@@ -29,7 +29,7 @@ from typing import Any
 
 from drivers.base import DeviceError
 
-__all__ = ["ErrorEntry", "VisaLink", "parse_bool01", "parse_float"]
+__all__ = ["ErrorEntry", "VisaLink", "identity", "parse_bool01", "parse_float", "split_idn"]
 
 _ERR_RE = re.compile(r'^\s*([+-]?\d+)\s*,\s*"?(.*?)"?\s*$')
 SIM_SCHEME = "sim://"
@@ -65,6 +65,22 @@ def parse_bool01(text: str, command: str) -> bool:
     if t in ("0", "OFF", "+0"):
         return False
     raise DeviceError(f"expected 1 or 0, got {_show(text)}", command)
+
+
+def split_idn(idn: str) -> list[str]:
+    """The comma-separated fields of an ``*IDN?`` reply: maker, model, serial, firmware (which may contain
+    commas)."""
+    return [p.strip() for p in idn.split(",")]
+
+
+def identity(vendor: str, fields: list[str]) -> dict[str, str]:
+    """What a driver's describe() reports from the ``*IDN?`` fields (at least maker and model)."""
+    return {
+        "vendor": vendor,
+        "model": fields[1],
+        "serial": fields[2] if len(fields) > 2 else "",
+        "firmware": ",".join(fields[3:]) if len(fields) > 3 else "",
+    }
 
 
 def _show(text: str) -> str:
@@ -196,6 +212,12 @@ class VisaLink:
             errors.append(ErrorEntry(code, m.group(2)))
         raise DeviceError(f"error queue did not empty after {self.error_limit} reads: "
                           + "; ".join(str(e) for e in errors[-3:]), "SYST:ERR?")
+
+    def drain_stale_errors(self) -> None:
+        """Empty the error queue at connect; what an earlier session left there is logged, not raised."""
+        stale = self.read_errors()
+        if stale and self.log is not None:
+            self.log.warning("instrument had queued errors at connect", errors=[str(e) for e in stale])
 
     def check(self, command: str) -> None:
         """Raise DeviceError naming ``command`` if the instrument queued errors (draining the queue)."""
