@@ -48,7 +48,6 @@ What the driver does:
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from fractions import Fraction
@@ -58,6 +57,7 @@ import numpy as np
 
 from drivers.base import DeviceError, TagBatch, TagFlags, TimeTagger
 from drivers.params import Field, ParamError
+from drivers.tagger_stream import drop_late, import_api, pace, sort_by_time
 
 __all__ = ["QuTAG"]
 
@@ -157,23 +157,13 @@ class QuTAG(TimeTagger):
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _import_api(self) -> Any:
-        name = self.opts["api_module"]
-        names = [name, *FALLBACK_APIS] if name == DEFAULT_API else [name]
-        problems = []
-        for n in names:
-            try:
-                mod = importlib.import_module(n)
-            except (ImportError, OSError) as e:
-                problems.append(f"{n}: {type(e).__name__}: {e}")
-                continue
-            self._api_name = n
-            return mod
-        raise ImportError(
-            f"{self.name}: the quTAG Python wrapper could not be imported ({'; '.join(problems)}). Install the qutools "
-            "quTAG software and put its wrapper (QuTAG_HR.py or QuTAG_MC.py from userlib/src) and the tdcbase "
-            "library (libtdcbase.so / tdcbase.dll) on the daemon's Python path; or set option api_module to the "
-            "stand-in 'drivers.sim.vendor.qutag' for a simulated testbed"
+        mod, self._api_name = import_api(
+            self.name, self.opts["api_module"], DEFAULT_API, FALLBACK_APIS, "quTAG Python wrapper",
+            "Install the qutools quTAG software and put its wrapper (QuTAG_HR.py or QuTAG_MC.py from userlib/src) "
+            "and the tdcbase library (libtdcbase.so / tdcbase.dll) on the daemon's Python path; or set option "
+            "api_module to the stand-in 'drivers.sim.vendor.qutag' for a simulated testbed"
         )
+        return mod
 
     def connect(self) -> None:
         self._api = api = self._import_api()
@@ -297,9 +287,7 @@ class QuTAG(TimeTagger):
         if not self._streaming:
             return None
         q = self._require()
-        wait = self._last_get + self.opts["read_interval_ms"] / 1000.0 - time.monotonic()
-        if wait > 0:
-            time.sleep(min(wait, max(0.0, timeout_s)))
+        pace(self._last_get, self.opts["read_interval_ms"], timeout_s)
         ts_all, ch_all, valid = q.getLastTimestamps(True)
         self._last_get = time.monotonic()
         latched = bool(q.getDataLost())  # loss since the previous call (or now); this call clears the latch
@@ -369,9 +357,7 @@ class QuTAG(TimeTagger):
                 self._stats["unknown_channel_tags"] += int((~known).sum())
                 ts, idx = ts[known], idx[known]
             ch = idx
-            if len(ts) > 1 and bool((ts[1:] < ts[:-1]).any()):
-                order = np.argsort(ts, kind="stable")
-                ts, ch = ts[order], ch[order]
+            ts, ch = sort_by_time(ts, ch)
         if self._restarted:
             if not len(ts):
                 t = self._t_end if self._t_end is not None else 0
@@ -382,12 +368,10 @@ class QuTAG(TimeTagger):
             self._restarted = False
         else:
             t_begin = self._t_end if self._t_end is not None else 0
-        if len(ts) and ts[0] < t_begin:
-            cut = int(np.searchsorted(ts, t_begin, side="left"))
-            self._stats["late_tags"] += cut
+        ts, ch, late = drop_late(ts, ch, t_begin, self.log)
+        if late:
+            self._stats["late_tags"] += late
             overflow = True
-            self.log.warning("tags earlier than the previous batch's end dropped; batch flagged overflow", late=cut)
-            ts, ch = ts[cut:], ch[cut:]
         t_end = max(t_begin, int(ts[-1]) + 1) if len(ts) else t_begin
         self._t_end = t_end
         flags = TagFlags.OVERFLOW if overflow else TagFlags.NONE

@@ -46,7 +46,6 @@ What the driver does:
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from typing import Any
@@ -55,6 +54,7 @@ import numpy as np
 
 from drivers.base import DeviceError, TagBatch, TagFlags, TimeTagger
 from drivers.params import Field, ParamError
+from drivers.tagger_stream import drop_late, import_api, pace, sort_by_time
 
 __all__ = ["SwabianTimeTagger"]
 
@@ -161,23 +161,13 @@ class SwabianTimeTagger(TimeTagger):
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _import_api(self) -> Any:
-        name = self.opts["api_module"]
-        names = [name, *FALLBACK_APIS] if name == DEFAULT_API else [name]
-        problems = []
-        for n in names:
-            try:
-                mod = importlib.import_module(n)
-            except (ImportError, OSError) as e:  # OSError: the package is there but its native library is not
-                problems.append(f"{n}: {type(e).__name__}: {e}")
-                continue
-            self._api_name = n
-            return mod
-        raise ImportError(
-            f"{self.name}: the Swabian Time Tagger API could not be imported ({'; '.join(problems)}). Install the "
-            "Time Tagger software: `pip install Swabian-TimeTagger` (module Swabian.TimeTagger) or the vendor "
-            "installer (older versions: module TimeTagger), in the Python environment the daemon runs in; or set "
-            "option api_module to the stand-in 'drivers.sim.vendor.swabian' for a simulated testbed"
+        mod, self._api_name = import_api(
+            self.name, self.opts["api_module"], DEFAULT_API, FALLBACK_APIS, "Swabian Time Tagger API",
+            "Install the Time Tagger software: `pip install Swabian-TimeTagger` (module Swabian.TimeTagger) or the "
+            "vendor installer (older versions: module TimeTagger), in the Python environment the daemon runs in; or "
+            "set option api_module to the stand-in 'drivers.sim.vendor.swabian' for a simulated testbed"
         )
+        return mod
 
     def connect(self) -> None:
         self._api = api = self._import_api()
@@ -294,9 +284,7 @@ class SwabianTimeTagger(TimeTagger):
         stream = self._stream  # close() may run concurrently (from the daemon's closer thread)
         if not self._streaming or stream is None:
             return None
-        wait = self._last_get + self.opts["read_interval_ms"] / 1000.0 - time.monotonic()
-        if wait > 0:
-            time.sleep(min(wait, max(0.0, timeout_s)))
+        pace(self._last_get, self.opts["read_interval_ms"], timeout_s)
         buf = stream.getData()
         self._last_get = time.monotonic()
         return self._convert(buf)
@@ -387,9 +375,7 @@ class SwabianTimeTagger(TimeTagger):
                 self._stats["unknown_channel_tags"] += int((~known).sum())
                 ts, pos = ts[known], pos[known]
             ch = self._sorted_index[pos]
-            if len(ts) > 1 and bool((ts[1:] < ts[:-1]).any()):
-                order = np.argsort(ts, kind="stable")
-                ts, ch = ts[order], ch[order]
+            ts, ch = sort_by_time(ts, ch)
 
         # the interval
         if self._restarted:
@@ -406,12 +392,10 @@ class SwabianTimeTagger(TimeTagger):
             t_begin = self._t_end if self._t_end is not None else 0
             if begin_rel is not None and begin_rel > t_begin:
                 t_begin = begin_rel  # the tagger says data between was not delivered: a visible gap
-        if len(ts) and ts[0] < t_begin:
-            cut = int(np.searchsorted(ts, t_begin, side="left"))
-            self._stats["late_tags"] += cut
+        ts, ch, late = drop_late(ts, ch, t_begin, self.log)
+        if late:
+            self._stats["late_tags"] += late
             overflow = True
-            self.log.warning("tags earlier than the previous batch's end dropped; batch flagged overflow", late=cut)
-            ts, ch = ts[cut:], ch[cut:]
         t_end = t_begin
         if end_rel is not None:
             t_end = max(t_end, end_rel)
