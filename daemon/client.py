@@ -39,6 +39,8 @@ class NoReply(TimeoutError):
 
 
 class _Common:
+    _ctx: Any  # zmq.Context or zmq.asyncio.Context, set by the subclass
+
     def __init__(self, control: str | None, publish: str | None, timeout: float) -> None:
         self.control = control or os.environ.get("QNETD_CONTROL", DEFAULT_CONTROL)
         self.publish = publish or os.environ.get("QNETD_PUBLISH", DEFAULT_PUBLISH)
@@ -82,9 +84,18 @@ class _Common:
                 return True
         return False
 
-    @staticmethod
-    def _prefixes(topics: tuple[str, ...]) -> list[bytes]:
-        return [t.rstrip("*").encode() for t in topics] or [b""]
+    def _subscriber(self, topics: tuple[str, ...]) -> Any:
+        """A SUB socket on the publish endpoint, subscribed to ``topics`` (prefixes; none: everything)."""
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        try:
+            for p in [t.rstrip("*").encode() for t in topics] or [b""]:
+                sub.setsockopt(zmq.SUBSCRIBE, p)
+            sub.connect(self.publish)
+        except BaseException:
+            sub.close()
+            raise
+        return sub
 
 
 class Client(_Common):
@@ -139,11 +150,7 @@ class Client(_Common):
         milliseconds to set up a new subscription: for state that may already have been published, ask
         over RPC (``daemon.status``) rather than wait for a message.
         """
-        sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        for p in self._prefixes(topics):
-            sub.setsockopt(zmq.SUBSCRIBE, p)
-        sub.connect(self.publish)  # now, not at the first next(): messages from here on are queued for us
+        sub = self._subscriber(topics)  # now, not at the first next(): messages from here on are queued for us
         return self._receive(sub, topics, count, timeout)
 
     def _receive(self, sub: zmq.Socket, topics: tuple[str, ...], count: int | None,
@@ -232,12 +239,8 @@ class AsyncClient(_Common):
 
     async def subscribe(self, *topics: str, count: int | None = None,
                         timeout: float | None = None) -> AsyncIterator[Message]:
-        sub = self._ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
+        sub = self._subscriber(topics)
         try:
-            for p in self._prefixes(topics):
-                sub.setsockopt(zmq.SUBSCRIBE, p)
-            sub.connect(self.publish)
             seen = 0
             while count is None or seen < count:
                 try:
