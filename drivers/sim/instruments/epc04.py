@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import collections
 import re
-import time
 from typing import Any, ClassVar
 
 from drivers.params import Field
