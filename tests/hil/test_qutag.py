@@ -6,42 +6,35 @@ through a plain BlockStream gives the reference (in ps; the stand-in floors to t
 
 from __future__ import annotations
 
-import itertools
-import re
 import sys
 import time
 import tomllib
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import drivers.qutag as qutag_module
-from drivers.base import DeviceError, TagBatch, TagFlags, TimeTagger, exposed_methods
+from drivers.base import DeviceError, TagFlags, TimeTagger, exposed_methods
 from drivers.qutag import QuTAG
 from drivers.registry import load
 from drivers.sim.bench.config import default_config
 from drivers.sim.bench.model import BenchModel
-from drivers.sim.tagstream import BlockStream, PoissonPairSource
+from drivers.sim.tagstream import PoissonPairSource
 from drivers.sim.vendor import qutag as standin
+from tests.hil.taggers import assert_contiguous, canonical, joined, pair_source, read_n, source_tags, toml_blocks
 
 API = "drivers.sim.vendor.qutag"
 MS = 1_000_000_000  # ps
 STEP = 10 * MS
-REPO = Path(__file__).resolve().parents[2]
 
 
-def source(seed: int = 11, *, singles: float = 50_000.0, pairs: float = 100_000.0, jitter: float = 40.0,
-           pair_channels=((0, 2), (1, 3)), channels: int = 4) -> PoissonPairSource:
-    return PoissonPairSource(channel_count=channels, singles_hz=[singles] * channels, pair_rate_hz=pairs,
-                             pair_channels=[list(p) for p in pair_channels], jitter_ps=jitter,
-                             delays_ps=[0] * channels, resolution_ps=1, seed=seed)
+def source(seed: int = 11, **kw) -> PoissonPairSource:
+    return pair_source(seed, **kw)
 
 
 def reference(until_ps: int, **kw) -> tuple[np.ndarray, np.ndarray]:
-    ts, ch, _, _ = BlockStream(source(**kw)).take(until_ps)
-    return ts, ch
+    return source_tags(source(**kw), until_ps)
 
 
 @pytest.fixture(autouse=True)
@@ -74,29 +67,6 @@ def drv(hw):
     yield d
     d.close()
 
-
-def read_n(d: TimeTagger, n: int) -> list[TagBatch]:
-    out = []
-    for _ in range(n):
-        b = d.read(1.0)
-        assert isinstance(b, TagBatch)
-        b.check_order()
-        out.append(b)
-    return out
-
-
-def joined(batches: list[TagBatch]) -> tuple[np.ndarray, np.ndarray]:
-    return np.concatenate([b.timestamps for b in batches]), np.concatenate([b.channels for b in batches])
-
-
-def canonical(ts: np.ndarray, ch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((ch, ts))
-    return ts[order], ch[order]
-
-
-def assert_contiguous(batches: list[TagBatch]) -> None:
-    for a, b in itertools.pairwise(batches):
-        assert b.t_begin == a.t_end
 
 
 def expected_ps(t_from: int, t_to: int, timebase_ps: Fraction = Fraction(1), **kw) -> tuple[np.ndarray, np.ndarray]:
@@ -366,7 +336,7 @@ def test_the_documented_configs_validate_and_the_testbed_one_streams_from_the_be
     from daemon import config as daemon_config
     from daemon.simulation import SimulationHost
 
-    blocks = re.findall(r"```toml\n(.*?)```", (REPO / "docs/hardware/qutag.md").read_text(), flags=re.DOTALL)
+    blocks = toml_blocks("docs/hardware/qutag.md")
     assert len(blocks) >= 2
     configs = [daemon_config.validate(tomllib.loads(text)) for text in blocks]
     lab = configs[0].devices["tagger"]
