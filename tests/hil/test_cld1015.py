@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import pytest
 
@@ -12,8 +11,8 @@ from drivers.params import check_value
 from drivers.registry import load
 from drivers.sim.bench.state import BenchState
 from drivers.sim.instruments.cld1015 import SimCLD1015
-from drivers.sim.instruments.tcp import TcpServer, read_lines
 from drivers.thorlabs_cld import ThorlabsCLD
+from tests.hil.fake_scpi import Reply, answering, fake_factory  # noqa: F401 (fake_factory: a fixture)
 
 TIMEOUT_S = 0.5
 
@@ -304,57 +303,13 @@ def test_close_is_safe_twice_and_after_unplug(sim):
 # -- malformed replies from a fake instrument ---------------------------------------------------------------
 
 
-class FakeInstrument:
-    """A TCP server answering each line with ``reply(line)`` (None: stay silent; bytes: sent verbatim)."""
-
-    def __init__(self, reply: Callable[[str], object]) -> None:
-        self.reply = reply
-        self.server = TcpServer(self._serve, name="fake")
-        self.server.start()
-        self.address = f"TCPIP::127.0.0.1::{self.server.port}::SOCKET"
-
-    def _serve(self, conn) -> None:
-        for raw in read_lines(conn):
-            out = self.reply(raw.decode(errors="replace").strip())
-            if out is None:
-                continue
-            conn.sendall(out if isinstance(out, bytes) else (str(out) + "\n").encode())
-
-    def stop(self) -> None:
-        self.server.stop()
-
-
 GOOD_IDN = "THORLABS,CLD1015,M0001,1.0"
 
 
-def cld_like(overrides: dict[str, object]) -> Callable[[str], object]:
+def cld_like(overrides: dict[str, object]) -> Reply:
     """A plausible CLD that answers everything sensibly except ``overrides``."""
-    normal = {"*IDN?": GOOD_IDN, "UNIT:TEMP?": "C", "SYST:ERR?": '+0,"No error"', "SOUR:CURR:LIM?": "1.0E-01"}
-
-    def reply(line: str) -> object:
-        if line in overrides:
-            return overrides[line]
-        if line in normal:
-            return normal[line]
-        if line.endswith("?"):
-            return "0"
-        return None
-
-    return reply
-
-
-@pytest.fixture
-def fake_factory():
-    fakes = []
-
-    def make(reply):
-        f = FakeInstrument(reply)
-        fakes.append(f)
-        return f
-
-    yield make
-    for f in fakes:
-        f.stop()
+    return answering({"*IDN?": GOOD_IDN, "UNIT:TEMP?": "C", "SYST:ERR?": '+0,"No error"', "SOUR:CURR:LIM?": "1.0E-01"},
+                     overrides)
 
 
 @pytest.mark.parametrize("query, garbage", [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import pytest
 
@@ -12,7 +11,7 @@ from drivers.idq_id120 import IDQuantiqueID120
 from drivers.registry import load
 from drivers.sim.bench.state import BenchState
 from drivers.sim.instruments.id120 import SimID120
-from drivers.sim.instruments.tcp import TcpServer, read_lines
+from tests.hil.fake_scpi import Reply, answering, fake_factory  # noqa: F401 (fake_factory: a fixture)
 
 TIMEOUT_S = 0.5
 DETECTOR = 5
@@ -234,51 +233,9 @@ def test_unplug_raises_link_error_and_a_new_instance_reconnects(sim, state):
 # -- malformed replies ---------------------------------------------------------------------------------------
 
 
-class FakeInstrument:
-    """A TCP server answering each line with ``reply(line)`` (None: stay silent)."""
-
-    def __init__(self, reply: Callable[[str], object]) -> None:
-        self.reply = reply
-        self.server = TcpServer(self._serve, name="fake-id120")
-        self.server.start()
-        self.address = f"TCPIP::127.0.0.1::{self.server.port}::SOCKET"
-
-    def _serve(self, conn) -> None:
-        for raw in read_lines(conn):
-            out = self.reply(raw.decode(errors="replace").strip())
-            if out is not None:
-                conn.sendall(out if isinstance(out, bytes) else (str(out) + "\n").encode())
-
-    def stop(self) -> None:
-        self.server.stop()
-
-
-def id120_like(overrides: dict[str, object]) -> Callable[[str], object]:
-    normal = {"*IDN?": "IDQuantique,ID120,1,1.0", "REG:RUN?": "TRUE", "REG:STATE?": "RUNNING",
-              "BIAS:ERROR_STATUS?": "FALSE", "SYST:ERR?": '+0,"No error"'}
-
-    def reply(line: str) -> object:
-        if line in overrides:
-            return overrides[line]
-        if line in normal:
-            return normal[line]
-        return "0" if line.endswith("?") else None
-
-    return reply
-
-
-@pytest.fixture
-def fake_factory():
-    fakes = []
-
-    def make(reply):
-        f = FakeInstrument(reply)
-        fakes.append(f)
-        return f
-
-    yield make
-    for f in fakes:
-        f.stop()
+def id120_like(overrides: dict[str, object]) -> Reply:
+    return answering({"*IDN?": "IDQuantique,ID120,1,1.0", "REG:RUN?": "TRUE", "REG:STATE?": "RUNNING",
+                      "BIAS:ERROR_STATUS?": "FALSE", "SYST:ERR?": '+0,"No error"'}, overrides)
 
 
 @pytest.mark.parametrize("query, garbage", [
