@@ -31,8 +31,8 @@ form one merged stream -- the raw buffer itself, with the delays applied inside 
 those channels differ by at most ``RAW_SPREAD_MAX_PS``; else a corrected copy per batch (branch-free
 extraction, a near-sorted fix-up, or a merge of delay groups). Coincidences and histograms use a two-phase
 lookback on it: every tag is processed once, as the later tag of its pairs, when it arrives. Accidentals use a
-ring of time buckets in the same pass when the displaced window lies wholly in the past of its later tag, else
-a separate bitmap probe.
+ring of time buckets (one branch-free pass over the new tags, then an exact count behind its rare hits) when
+the displaced window lies wholly in the past of its later tag, else a separate bitmap probe.
 """
 
 from __future__ import annotations
@@ -228,8 +228,9 @@ class CoincidenceEngine:
         # else they read a corrected, sorted copy (built per batch, merged from delay groups if needed)
         self._raw_mode = self._spread <= RAW_SPREAD_MAX_PS
         self._zero_delays = np.zeros(NCH, np.int64)
-        # accidentals: a bucket ring in the lookback pass when the displaced window lies wholly on one side of
-        # its later tag (|offset| beyond half a window plus the delay spread the kernels see); else a probe pass
+        # accidentals: a bucket ring (a pass of its own over the new tags) when the displaced window lies wholly on
+        # one side of its later tag (|offset| beyond half a window plus the delay spread the kernels see); else a
+        # probe pass
         self._acc_mode = None
         self._acc_reach = 0
         if self._aw is not None:
@@ -257,8 +258,8 @@ class CoincidenceEngine:
                 while rn * (1 << shift) <= 2 * span:
                     rn *= 2
                 self._ring_slots = rn
-                self._setm = np.where(setm, 0, rn).astype(np.uint64)  # ring slot offset: setters store for real
-                self._testm = testm.astype(np.int64)
+                self._setm = np.where(setm, 0, rn).astype(np.uint64)  # ring slot offsets: setters store for real,
+                self._testm = np.where(testm, 0, 2 * rn).astype(np.uint64)  # testers test for real
                 self._acc_reach = -self._wlo  # in corrected time: how far back a tester's setters lie
             else:
                 self._acc_mode = "probe"
@@ -305,7 +306,7 @@ class CoincidenceEngine:
         self._pend_hist = [np.zeros((0, h.n_bins), np.int64) for h in self.spec.histograms]
         self._scratch.clear()
         if self._acc_mode == "ring":
-            self._ring = np.full(2 * self._ring_slots, np.iinfo(np.int64).min, np.int64)
+            self._ring = np.full(3 * self._ring_slots, np.iinfo(np.int64).min, np.int64)
 
     @property
     def started(self) -> bool:
@@ -467,16 +468,18 @@ class CoincidenceEngine:
         if not n:
             return
         if self._pairs and i1 > i0:
+            cand = self._scratch.get("cand", i1 - i0 + 1, np.int64)
+            K.lookback_coincidences(u, c, dd, i0, i1, self._lutf, self._lutr, np.int64(self._cw[0]),
+                                    np.int64(self._cw[1]), np.int64(self._reach_c + spread), np.int64(min_d),
+                                    np.int64(spread), grid0, np.int64(iv), self._pend_counts, cand)
             if self._acc_mode == "ring":
-                K.lookback_coincidences_acc(u, c, n, dd, i0, i1, self._lutf, self._lutr, np.int64(self._cw[0]),
-                                            np.int64(self._cw[1]), np.int64(self._reach_c + spread), np.int64(min_d),
-                                            np.int64(max_d), grid0, np.int64(iv), self._pend_counts, self._setm,
-                                            self._testm, self._lutp, np.int64(self._wlo), np.int64(self._whi),
-                                            self._setter_left, self._acc_shift, self._ring, self._pend_acc)
-            else:
-                K.lookback_coincidences(u, c, dd, i0, i1, self._lutf, self._lutr, np.int64(self._cw[0]),
-                                        np.int64(self._cw[1]), np.int64(self._reach_c + spread), np.int64(min_d),
-                                        np.int64(spread), grid0, np.int64(iv), self._pend_counts)
+                hits = self._scratch.get("hits", i1 - i0 + 1, np.int64)
+                nh = K.accidentals_ring(u, c, dd, i0, i1, self._setm, self._testm, self._ring, self._acc_shift,
+                                        np.int64(self._whi - 1), hits)
+                if nh:
+                    K.accidentals_hits(u, c, n, dd, hits, nh, np.int64(min_d), np.int64(max_d), np.int64(self._wlo),
+                                       np.int64(self._whi), self._setter_left, self._lutp, grid0, np.int64(iv),
+                                       self._pend_acc)
         for hs, reach, pend in zip(self.spec.histograms, self._reach_h, self._pend_hist):
             if i1 > i0:
                 K.lookback_histogram(u, c, dd, i0, i1, hs.a, hs.b, np.int64(hs.lo_ps), np.int64(hs.bin_ps), hs.n_bins,

@@ -23,7 +23,11 @@ branch-free pass picks the tags whose predecessor is within reach (about the sha
 those are examined. Per-pair two-pointer sweeps instead pay a mispredicted loop exit per tag and scan every
 channel once per pair (16 pairs + 16 accidental windows for a BBM92 matrix). The displaced accidental window
 (100 ns away: its partners are not near in the stream) uses a ring of time buckets that remembers where the
-earlier side's tags were: two loads per tag, an exact count only behind a hit.
+earlier side's tags were: two stores and one load per tag, an exact count only behind a hit.
+
+Each hot loop is a top-level kernel of its own (the engine calls the ring pass, the exact count of its hits
+and the lookback one after the other): numba/LLVM inline callees, and one big function with all their
+operands spills the loop-invariant table pointers to the stack and reloads them every iteration.
 
 The kernels are ``nogil``: the analysis can run on a worker thread while the event loop keeps going.
 """
@@ -37,8 +41,9 @@ __all__ = [
     "INT64_MAX",
     "build_stream",
     "histogram_pairs",
+    "accidentals_hits",
+    "accidentals_ring",
     "lookback_coincidences",
-    "lookback_coincidences_acc",
     "lookback_histogram",
     "lower_bound",
     "merge2",
@@ -150,8 +155,8 @@ def segment_end(u, i, i1, lim):  # pragma: no cover - jit
 
 
 @njit(cache=True, nogil=True)
-def lookback_coincidences(u, c, dd, i0, i1, lutf, lutr, lo, hi, reach, min_d, spread, grid0, interval,
-                          counts):  # pragma: no cover - jit
+def lookback_coincidences(u, c, dd, i0, i1, lutf, lutr, lo, hi, reach, min_d, spread, grid0, interval, counts,
+                          cand):  # pragma: no cover - jit
     """Count pairs in ``[lo, hi)`` whose *later* stream element is ``i`` in ``[i0, i1)``.
 
     ``u`` is sorted stream time; the corrected time of element ``k`` is ``u[k] + dd[c[k]]`` with
@@ -162,14 +167,14 @@ def lookback_coincidences(u, c, dd, i0, i1, lutf, lutr, lo, hi, reach, min_d, sp
 
     Two phases per interval segment (``u + min_d`` within one interval): a branch-free pass collects the
     elements whose predecessor is within reach (about the pair share of the tags); only those are then
-    examined. That avoids a mispredicted branch per tag that has a partner.
+    examined. That avoids a mispredicted branch per tag that has a partner. ``cand`` is an int64 work array
+    of at least ``i1 - i0`` entries (reused across calls: no allocation per batch).
     """
     if i0 < 1:
         i0 = 1  # the first element has nothing to look back to
     if i0 >= i1:
         return
     fast = reach < interval and spread < interval
-    cand = np.empty(i1 - i0 + 1, np.int64)
     row = (u[i0] + min_d - grid0) // interval
     i = i0
     while i < i1:
@@ -179,155 +184,152 @@ def lookback_coincidences(u, c, dd, i0, i1, lutf, lutr, lo, hi, reach, min_d, sp
         if e == i:
             row = (u[i] + min_d - grid0) // interval
             continue
-        m = 0
-        for k in range(i, e):
-            cand[m] = k
-            m += 1 if u[k] - u[k - 1] <= reach else 0
-        for t in range(m):
-            k = cand[t]
-            uk = u[k]
-            ck = c[k]
-            sk = uk + dd[ck]
-            j = k - 1
-            while j >= 0:
-                uj = u[j]
-                if uk - uj > reach:
-                    break
-                cj = c[j]
-                sj = uj + dd[cj]
-                d = sk - sj
-                pf = lutf[cj, ck]  # pair (j left, k right)
-                pr = lutr[cj, ck]  # pair (k left, j right)
-                use_f = pf >= 0  # choose the orientation without a branch on the data
-                p = pf if use_f else pr
-                delta = d if use_f else -d
-                sl = sj if use_f else sk
-                if p >= 0 and delta >= lo and delta < hi:
-                    if fast:
-                        r = row - (1 if sl < start else 0) + (1 if sl >= end else 0)
-                    else:
-                        r = (sl - grid0) // interval
-                    if r >= 0:
-                        counts[r, p] += 1
-                if pr >= 0 and use_f and -d >= lo and -d < hi:  # both orientations configured (rare)
-                    if fast:
-                        r = row - (1 if sk < start else 0) + (1 if sk >= end else 0)
-                    else:
-                        r = (sk - grid0) // interval
-                    if r >= 0:
-                        counts[r, pr] += 1
-                j -= 1
+        m = _cand_pass(u, i, e, reach, cand)
+        _lookback_pass(u, c, dd, cand, m, lutf, lutr, lo, hi, reach, row, start, end, fast, grid0, interval,
+                       counts)
         i = e
         row += 1
 
 
 @njit(cache=True, nogil=True)
-def lookback_coincidences_acc(u, c, n, dd, i0, i1, lutf, lutr, lo, hi, reach, min_d, max_d, grid0, interval, counts,
-                              setm, testm, lutp, wlo, whi, setter_left, sh, ring, acc):  # pragma: no cover - jit
-    """:func:`lookback_coincidences` plus accidentals in a displaced window ``[alo, ahi)``, in the same pass.
+def _cand_pass(u, i, e, reach, cand):  # pragma: no cover - jit
+    """Lookback candidates of ``[i, e)`` (``i >= 1``): the elements whose predecessor is within ``reach``.
 
-    The displaced window must lie wholly in the past of its later tag (the *tester*): a tester at ``s`` has
-    its partners (*setters*) at ``[s + wlo, s + whi)`` with ``whi <= -spread``, so they were processed before
-    it (each pair is counted once, when its later tag is processed, as in the lookback). With ``setter_left``
-    (positive offset) setters are the left tags (``wlo = 1 - ahi``, ``whi = 1 - alo``), else the right tags
-    (``wlo = alo``, ``whi = ahi``). A ring of ``2**sh``-ps buckets (``2**sh >= whi - wlo``) remembers the bucket
-    of the latest setter (slot ``b % R`` holds ``b``); a tester whose window touches no remembered bucket (the
-    usual case) costs two loads, a hit is counted exactly by a binary search over the stream into
-    ``acc[row of the left tag, pair]``.
-
-    ``ring`` has ``2R`` int64 entries (the upper half absorbs the branch-free stores of non-setters:
-    ``setm[c]`` is 0 for a setter channel and R otherwise, uint64; ``testm[c]`` is 0/1, int64) and persists
-    across batches; ``R * 2**sh`` must exceed twice ``max(|wlo|, |whi|) + 2**sh + spread``. Unsigned ring
-    indices spare numba's negative-index fix-ups. The ring work rides on the lookback's branch-free first
-    phase (one pass over the stream for both).
+    Branch-free: every element is written, the count advances only for candidates. Unsigned indices spare
+    numba's negative-index fix-ups.
     """
-    if i0 >= i1:
-        return
-    rmask = np.uint64(ring.shape[0] // 2 - 1)
-    spread = max_d - min_d
-    fast = reach < interval and spread < interval
-    cand = np.empty(i1 - i0 + 1, np.int64)
-    row = (u[i0] + min_d - grid0) // interval
-    i = i0
-    while i < i1:
-        start = grid0 + row * interval
-        end = start + interval
-        e = segment_end(u, i, i1, end - min_d)
-        if e == i:
-            row = (u[i] + min_d - grid0) // interval
-            continue
-        m = 0
-        for k in range(i, e):
-            uk = u[k]
-            ck = c[k]
-            sk = uk + dd[ck]
-            b = sk >> sh
-            ring[(np.uint64(b) & rmask) + setm[ck]] = b
-            b0 = (sk + wlo) >> sh
-            b1 = (sk + whi - 1) >> sh
-            if ((ring[np.uint64(b0) & rmask] == b0) | (ring[np.uint64(b1) & rmask] == b1)) & testm[ck]:
-                _acc_exact(u, c, n, dd, k, ck, sk, min_d, max_d, wlo, whi, setter_left, lutp, grid0, interval, acc)
-            cand[m] = k
-            m += 1 if uk - u[k - 1] <= reach else 0  # k = 0 reads the sentinel: a candidate with nothing behind
-        for t in range(m):
-            k = cand[t]
-            uk = u[k]
-            ck = c[k]
-            sk = uk + dd[ck]
-            j = k - 1
-            while j >= 0:
-                uj = u[j]
-                if uk - uj > reach:
-                    break
-                cj = c[j]
-                sj = uj + dd[cj]
-                d = sk - sj
-                pf = lutf[cj, ck]  # pair (j left, k right)
-                pr = lutr[cj, ck]  # pair (k left, j right)
-                use_f = pf >= 0  # choose the orientation without a branch on the data
-                p = pf if use_f else pr
-                delta = d if use_f else -d
-                sl = sj if use_f else sk
-                if p >= 0 and delta >= lo and delta < hi:
-                    if fast:
-                        r = row - (1 if sl < start else 0) + (1 if sl >= end else 0)
-                    else:
-                        r = (sl - grid0) // interval
-                    if r >= 0:
-                        counts[r, p] += 1
-                if pr >= 0 and use_f and -d >= lo and -d < hi:  # both orientations configured (rare)
-                    if fast:
-                        r = row - (1 if sk < start else 0) + (1 if sk >= end else 0)
-                    else:
-                        r = (sk - grid0) // interval
-                    if r >= 0:
-                        counts[r, pr] += 1
-                j -= 1
-        i = e
-        row += 1
+    m = 0
+    prev = u[i - 1]
+    for k in range(np.uint64(i), np.uint64(e)):
+        uk = u[k]
+        cand[m] = k
+        m += 1 if uk - prev <= reach else 0
+        prev = uk
+    return m
 
 
 @njit(cache=True, nogil=True)
-def _acc_exact(u, c, n, dd, k, ck, sk, min_d, max_d, wlo, whi, setter_left, lutp, grid0, interval,
-               acc):  # pragma: no cover - jit
-    """The exact count behind a ring hit (a separate function keeps the hot loop small)."""
-    q = lower_bound(u, n, sk + wlo - max_d)
-    lim = sk + whi - min_d
-    while u[q] < lim:
-        cq = c[q]
-        sq = u[q] + dd[cq]
-        if sq >= sk + wlo and sq < sk + whi and q != k:
-            if setter_left:
-                kk = lutp[cq, ck]
-                ls = sq
-            else:
-                kk = lutp[ck, cq]
-                ls = sk
-            if kk >= 0:
-                r = (ls - grid0) // interval
+def _lookback_pass(u, c, dd, cand, m, lutf, lutr, lo, hi, reach, row, start, end, fast, grid0, interval,
+                   counts):  # pragma: no cover - jit
+    """Second phase of the lookback: the candidates ``cand[:m]`` look back over the elements within reach."""
+    for t in range(m):
+        k = cand[t]
+        uk = u[k]
+        ck = c[k]
+        sk = uk + dd[ck]
+        j = k - 1
+        while j >= 0:
+            uj = u[j]
+            if uk - uj > reach:
+                break
+            cj = c[j]
+            sj = uj + dd[cj]
+            d = sk - sj
+            pf = lutf[cj, ck]  # pair (j left, k right)
+            pr = lutr[cj, ck]  # pair (k left, j right)
+            use_f = pf >= 0  # choose the orientation without a branch on the data
+            p = pf if use_f else pr
+            delta = d if use_f else -d
+            sl = sj if use_f else sk
+            if p >= 0 and delta >= lo and delta < hi:
+                if fast:
+                    r = row - (1 if sl < start else 0) + (1 if sl >= end else 0)
+                else:
+                    r = (sl - grid0) // interval
                 if r >= 0:
-                    acc[r, kk] += 1
-        q += 1
+                    counts[r, p] += 1
+            if pr >= 0 and use_f and -d >= lo and -d < hi:  # both orientations configured (rare)
+                if fast:
+                    r = row - (1 if sk < start else 0) + (1 if sk >= end else 0)
+                else:
+                    r = (sk - grid0) // interval
+                if r >= 0:
+                    counts[r, pr] += 1
+            j -= 1
+
+
+@njit(cache=True, nogil=True)
+def accidentals_ring(u, c, dd, i0, i1, soff, toff, ring, sh, whi1, hits):  # pragma: no cover - jit
+    """Accidental bucket ring over stream elements ``[i0, i1)``: returns the number of hits written to ``hits``.
+
+    For a displaced window that lies wholly in the past of its later tag (the *tester*): a tester at corrected
+    time ``s`` has its partners (*setters*) at ``[s + wlo, s + whi)`` with ``whi <= -spread``, so they come
+    before it in the stream (each pair is found once, when its later tag passes, as in the lookback). With a
+    positive offset setters are the left tags (``wlo = 1 - ahi``, ``whi = 1 - alo``), else the right tags
+    (``wlo = alo``, ``whi = ahi``). Buckets are ``2**sh`` ps with ``2**sh >= whi - wlo``, so a tester's window
+    spans at most the two buckets ``b1 - 1`` and ``b1 = (s + whi - 1) >> sh``. A setter in bucket ``b`` marks
+    ring slots ``b`` and ``b + 1`` (slot ``x % R`` holds ``x`` when a setter lies in bucket ``x - 1`` or
+    ``x``), so a tester tests one slot; a tester whose slot does not hold ``b1`` (the usual case) has no
+    partner, a hit (``hits``: its stream index) is counted exactly by :func:`accidentals_hits`.
+
+    ``ring`` has ``3R`` int64 entries (R a power of two) and persists across batches: ``[0, R)`` the ring,
+    ``[R, 2R)`` absorbs the stores of non-setters, ``[2R, 3R)`` is never written (INT64_MIN): the tests of
+    non-testers. ``soff[c]`` (uint64) is 0 for setter channels, else R; ``toff[c]`` 0 for testers, else 2R --
+    branch-free, the only branch is the rare hit. ``R * 2**sh`` must exceed twice
+    ``max(|wlo|, |whi|) + 2 * 2**sh + spread``. Unsigned ring indices spare numba's negative-index fix-ups.
+    ``hits`` must hold ``i1 - i0`` entries. A top-level kernel of its own (not inlined in the lookback) so that
+    its loop keeps all its operands in registers.
+    """
+    rmask = np.uint64(ring.shape[0] // 3 - 1)
+    nh = 0
+    for k in range(np.uint64(i0), np.uint64(i1)):
+        ck = c[k]
+        sk = u[k] + dd[ck]
+        b = sk >> sh
+        so = soff[ck]
+        ring[(np.uint64(b) & rmask) + so] = b
+        ring[(np.uint64(b + 1) & rmask) + so] = b + 1
+        b1 = (sk + whi1) >> sh
+        if ring[(np.uint64(b1) & rmask) + toff[ck]] == b1:
+            hits[nh] = k
+            nh += 1
+    return nh
+
+
+@njit(cache=True, nogil=True)
+def accidentals_hits(u, c, n, dd, hits, nh, min_d, max_d, wlo, whi, setter_left, lutp, grid0, interval,
+                     acc):  # pragma: no cover - jit
+    """Exact count behind the ring hits of :func:`accidentals_ring`: ``acc[row of the left tag, pair] += 1``.
+
+    The tester ``k`` at ``sk`` pairs with every setter at ``[sk + wlo, sk + whi)``: they lie a little before
+    ``k`` in the stream, found by galloping back from ``k`` (O(log distance), not a search of the buffer).
+    """
+    for t in range(nh):
+        k = hits[t]
+        ck = c[k]
+        sk = u[k] + dd[ck]
+        x = sk + wlo - max_d  # first stream index q with u[q] >= x: q <= k since wlo < 0 and dd[ck] <= max_d
+        hi_ = k
+        step = 1
+        lo_ = k - 1
+        while lo_ >= 0 and u[lo_] >= x:
+            hi_ = lo_
+            step *= 2
+            lo_ = hi_ - step
+        lo_ = lo_ + 1 if lo_ >= 0 else 0  # u[lo_ - 1] < x (or lo_ = 0); u[hi_] >= x
+        while lo_ < hi_:
+            mid = (lo_ + hi_) >> 1
+            if u[mid] < x:
+                lo_ = mid + 1
+            else:
+                hi_ = mid
+        q = lo_
+        lim = sk + whi - min_d
+        while u[q] < lim:
+            cq = c[q]
+            sq = u[q] + dd[cq]
+            if sq >= sk + wlo and sq < sk + whi and q != k:
+                if setter_left:
+                    kk = lutp[cq, ck]
+                    ls = sq
+                else:
+                    kk = lutp[ck, cq]
+                    ls = sk
+                if kk >= 0:
+                    r = (ls - grid0) // interval
+                    if r >= 0:
+                        acc[r, kk] += 1
+            q += 1
 
 
 @njit(cache=True, nogil=True)
