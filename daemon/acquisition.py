@@ -38,6 +38,8 @@ class Acquisition:
         self.record_dir = record_dir
         self._recorder: Any = None
         self._recording: dict[str, Any] | None = None
+        self._last_recording: dict[str, Any] | None = None  # summary of the last closed recording
+        self._control = asyncio.Lock()  # serializes acquisition.stop and the recording RPCs
         self._analysis = Worker("analysis")
         self.pub = publisher
         self.interval_ps = int(round(interval_s * PS_PER_S))
@@ -71,6 +73,7 @@ class Acquisition:
             "t_end_ps": self.last_t_end_ps,
             "analysis": self.pipeline is not None,
             "recording": dict(self._recording) if self._recording else None,
+            "last_recording": self._last_recording,
         }
 
     async def _run(self) -> None:
@@ -84,6 +87,9 @@ class Acquisition:
                 await asyncio.sleep(1.0)
             except RpcError as e:  # unavailable / timeout: the supervisor reconnects, we wait for ready
                 self.log.warning("stream interrupted", error=e.message)
+            except Exception:  # noqa: BLE001 - an analysis bug must not end acquisition for good
+                self.log.exception("acquisition error; restarting the stream in 1 s")
+                await asyncio.sleep(1.0)
             finally:
                 self.running = False
 
@@ -176,12 +182,13 @@ class Acquisition:
 
         async def stop() -> dict:
             """Stop streaming: the tagger's stream is stopped; no counts are published until start."""
-            self._pause()
-            if self._task is not None:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
-            await self._stop_stream(self.sup.cfg.supervisor.call_timeout_s)
-            self._task = asyncio.create_task(self._run(), name="acquisition")
+            async with self._control:  # one loop at any time, however many stops arrive together
+                self._pause()
+                if self._task is not None:
+                    self._task.cancel()
+                    await asyncio.gather(self._task, return_exceptions=True)
+                await self._stop_stream(self.sup.cfg.supervisor.call_timeout_s)
+                self._task = asyncio.create_task(self._run(), name="acquisition")
             return self.status()
 
         async def status() -> dict:
@@ -192,11 +199,15 @@ class Acquisition:
         async def record_start(file_name: Annotated[str, Field(
                 doc="a file name (no directories) ending in .ptu, created in acquisition.record_dir")]) -> dict:
             """Record the live tag stream to a PicoQuant PTU file (T2), from the next batch on."""
-            return await self._record_start(file_name)
+            async with self._control:
+                return await self._record_start(file_name)
 
         async def record_stop() -> dict:
-            """Stop recording and close the file; returns what was written."""
-            return await self._analysis.call(self._close_recorder, 60.0)
+            """Stop recording and close the file; returns what was written (or the last recording's summary,
+            with its error, if it already ended)."""
+            async with self._control:
+                summary = await self._analysis.call(self._close_recorder, 60.0)
+            return summary or dict(self._last_recording or {})
 
         for fn in (start, stop, status, record_start, record_stop):
             table.add(f"acquisition.{fn.__name__}", fn, group="acquisition")
@@ -206,10 +217,10 @@ class Acquisition:
 
         if not self.record_dir:
             raise InvalidParams("recording is disabled: set acquisition.record_dir in the config",
-                                data={"param": "file_name"})
+                                data={"param": "file_name", "allowed": "nothing until acquisition.record_dir is set"})
         if not RECORD_NAME.fullmatch(file_name):
             raise InvalidParams(f"file_name {file_name!r} must be a plain name ending in .ptu (letters, digits, . _ -)",
-                                data={"param": "file_name", "allowed": "NAME.ptu"})
+                                data={"param": "file_name", "allowed": "a plain file name ending in .ptu"})
         if self._recorder is not None:
             raise Busy(f"already recording to {self._recording['path']}; acquisition.record_stop first")
         driver = self.sup.driver
@@ -217,7 +228,8 @@ class Acquisition:
             raise self.sup.unavailable()
         path = Path(self.record_dir) / file_name
         if path.exists():
-            raise InvalidParams(f"{path} exists; recordings are never overwritten", data={"param": "file_name"})
+            raise InvalidParams(f"{path} exists; recordings are never overwritten",
+                                data={"param": "file_name", "allowed": "a name not used in acquisition.record_dir"})
 
         def open_recorder() -> None:
             from drivers.ptu.recorder import PtuRecorder
@@ -245,6 +257,7 @@ class Acquisition:
             except Exception as e:  # noqa: BLE001
                 summary["error"] = f"{type(e).__name__}: {e}"
             self.log.info("recording stopped", **{k: v for k, v in summary.items() if k != "file"})
+            self._last_recording = summary
         self._recording = None
         return summary
 

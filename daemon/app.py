@@ -10,6 +10,7 @@ final health message, close the sockets, exit 0.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from dataclasses import replace
 import signal
@@ -104,6 +105,9 @@ class Daemon:
                 ctx.destroy(linger=0)
                 return EX_UNAVAILABLE
             self.simulation.register(self.table)
+        if self._stop.is_set():  # stopped during the warm-up: connect nothing, go straight to shutdown
+            await self._shutdown(ctx)
+            return 0
         for name, dev in self.cfg.devices.items():
             if not dev.enabled:
                 continue
@@ -178,7 +182,7 @@ class Daemon:
         self.notifier.notify(STOPPING=1, STATUS=f"stopping ({self._stop_reason})")
         self._publish_health()
         # the budget covers everything: stream, safe states and closes, then up to ~1 s for sockets
-        budget = self.cfg.daemon["shutdown_timeout_s"] - 1.0
+        budget = max(0.5, self.cfg.daemon["shutdown_timeout_s"] - 1.0)
         t0 = time.monotonic()
         if self.acquisition is not None:
             await self.acquisition.stop(timeout=min(2.0, budget / 3))
@@ -268,7 +272,7 @@ class Daemon:
             return sup.status()
 
         async def safe_state() -> None:
-            """Put the device in its safe state now (laser off, bias down, stream stopped)."""
+            """Put the device in its safe state now (laser output off, detectors disabled, stream stopped)."""
             await sup.call("safe_state", user=True)
 
         async def reconnect() -> None:
@@ -292,7 +296,7 @@ class Daemon:
                  "limits": {k: list(v) for k, v in s.cfg.limits.items()}}
                 for n, s in self.supervisors.items()
             ],
-            "errors": {cls.__name__: {"code": code, "doc": (cls.__doc__ or "").strip()}
+            "errors": {cls.__name__: {"code": code, "doc": inspect.cleandoc(cls.__doc__ or "")}
                        for code, cls in rpc_errors.BY_CODE.items()},
         }
 

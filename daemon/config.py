@@ -18,7 +18,7 @@ from typing import Any
 
 from daemon.api.protocol import EndpointError, check_endpoint
 from drivers import registry
-from drivers.base import GENERIC_METHODS, Device, all_limits, exposed_methods
+from drivers.base import GENERIC_METHODS, Device, all_limits, all_required_limits, exposed_methods
 from drivers.params import REQUIRED, Field, ParamError, validate_table
 
 EX_CONFIG = 78  # sysexits.h: configuration error
@@ -132,7 +132,7 @@ def _limits(raw: dict[str, Any], cls: type[Device], path: str, errors: list[Para
             errors.append(ParamError(kp, f"expected [min, max], got {value!r}", f"two finite numbers min <= max ({unit})"))
             continue
         out[key] = (float(value[0]), float(value[1]))
-    for key in cls.required_limits:
+    for key in all_required_limits(cls):
         if key not in out and key not in raw:
             unit = known[key].unit if key in known else ""
             errors.append(
@@ -190,9 +190,11 @@ def _simulation(raw: dict[str, Any], devices: dict[str, DeviceConfig], errors: l
 
     table = raw.get("simulation")
     enabled = table is not None and not (isinstance(table, dict) and table.get("enabled", True) is False)
-    sim = simulation.validate(table, errors) if enabled else None
+    sim = simulation.validate(table, errors) if table is not None else None  # validated even when disabled
     if enabled and sim is None:
         return None  # [simulation] itself is invalid: already reported, references cannot be checked
+    if not enabled:
+        sim = None
     known = (set(sim.instruments) | {simulation.BENCH}) if sim is not None else set()
     for dev in devices.values():
         for key, value in dev.options.items():

@@ -150,7 +150,8 @@ class SimulationHost:
 
         if name not in self.instruments:
             raise InvalidParams(f"no simulated instrument {name!r}",
-                                data={"param": "name", "allowed": sorted(self.instruments)})
+                                data={"param": "name", "allowed": "one of " + ", ".join(sorted(self.instruments)),
+                                      "instruments": sorted(self.instruments)})
         return self.instruments[name]
 
     def register(self, table: Any) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "TagFlags",
     "TimeTagger",
     "all_limits",
+    "all_required_limits",
     "exposed",
     "exposed_methods",
 ]
@@ -233,7 +234,8 @@ class Device:
     * ``limits`` -- the safety limits it understands, ``{name: Field(unit=...)}``; the config gives each as
       ``[min, max]`` and the daemon checks every parameter annotated ``Field(limit=name)`` against it. A
       driver's ``limits`` add to those of its interface (see :func:`all_limits`);
-    * ``required_limits`` -- limits a config must set (a laser without a current limit is refused).
+    * ``required_limits`` -- limits a config must set (a laser without a current limit is refused); like
+      ``limits``, a driver's add to its interface's.
     """
 
     kind: ClassVar[str] = "device"
@@ -262,7 +264,7 @@ class Device:
         """Release the link. Must not raise if the link is already gone."""
 
     def safe_state(self) -> None:
-        """Put the instrument where it can be left unattended (output off, bias down, stream stopped)."""
+        """Put the instrument where it can be left unattended (output off, detector disabled, stream stopped)."""
 
     def describe(self) -> dict[str, Any]:
         """Identity of the instrument (vendor, model, serial, firmware) as far as it reports it."""
@@ -277,6 +279,14 @@ def all_limits(cls: type) -> dict[str, Field]:
     out: dict[str, Field] = {}
     for klass in reversed(cls.__mro__):
         out.update(vars(klass).get("limits", {}))
+    return out
+
+
+def all_required_limits(cls: type) -> list[str]:
+    """Every limit a config must set for a driver class: its own ``required_limits`` and its bases'."""
+    out: list[str] = []
+    for klass in reversed(cls.__mro__):
+        out.extend(k for k in vars(klass).get("required_limits", ()) if k not in out)
     return out
 
 
@@ -391,7 +401,7 @@ class PolarizationController(Device):
 
 
 class PhotonDetector(Device):
-    """A single-photon detector (SPAD or SNSPD channel). Safe state: bias down / disabled."""
+    """A single-photon detector (SPAD or SNSPD channel). Safe state: disabled (current-biased: bias 0 too)."""
 
     kind = "photon_detector"
     limits = {"bias_ua": Field(unit="uA", doc="allowed bias currents")}

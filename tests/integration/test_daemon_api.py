@@ -268,3 +268,17 @@ def test_recording_disabled_without_record_dir(start_daemon):
     with pytest.raises(errors.InvalidParams) as e:
         d.client.call("acquisition.record_start", file_name="x.ptu")
     assert "record_dir" in e.value.message
+
+
+def test_concurrent_acquisition_stops_leave_one_loop(start_daemon):
+    d = start_daemon(config_text(speed=20.0, interval=0.5))
+    batch = [{"jsonrpc": "2.0", "id": i, "method": "acquisition.stop"} for i in (1, 2)]
+    replies = raw_request(d.control, json.dumps(batch).encode())
+    assert sorted(r["id"] for r in replies) == [1, 2] and all("result" in r for r in replies)
+    assert d.client.call("acquisition.status")["running"] is False
+    d.client.call("acquisition.start")
+    msgs = list(d.client.subscribe("counts", count=6, timeout=20))
+    begins = [m["t_begin_ps"] for m in msgs]
+    assert len(set(begins)) == len(begins)  # one loop: each interval published once
+    assert all(b2 - b1 == 500_000_000_000 for b1, b2 in zip(begins, begins[1:]))
+    assert not any(m["overflow"] for m in msgs[1:])

@@ -675,3 +675,15 @@ def test_lab_example_config_validates():
     assert cfg.devices["pump"].limits["current_ma"] == (0.0, 55.0)
     assert {d.driver for d in cfg.devices.values()} == {"swabian.timetagger", "thorlabs.cld", "thorlabs.mpc",
                                                        "singlequantum.eos"}
+
+
+def test_driver_required_limits_add_to_the_interfaces():
+    """A laser driver declaring its own required limit still must have the interface's current_ma."""
+    from drivers.base import Laser, all_required_limits
+    from drivers.params import Field
+
+    class TecLaser(Laser):
+        limits = {"temperature_c": Field(unit="degC")}
+        required_limits = ("temperature_c",)
+
+    assert all_required_limits(TecLaser) == ["current_ma", "temperature_c"]
