@@ -1,0 +1,1 @@
+"""QKD key distillation: two-party reconciliation (Cascade) and verification over a message channel."""
