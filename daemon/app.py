@@ -28,6 +28,7 @@ from daemon.api import errors as rpc_errors
 from daemon.api.methods import MethodTable
 from daemon.api.publish import Publisher
 from daemon.api.rpc import RpcServer
+from daemon.api.security import ZapHandler, fingerprint
 from daemon.api.topics import describe_topics
 from daemon.config import Config
 from daemon.sdnotify import Notifier, watchdog_interval_s
@@ -56,6 +57,7 @@ class Daemon:
         self.publisher: Publisher | None = None
         self.rpc: RpcServer | None = None
         self.simulation: SimulationHost | None = None
+        self.zap: ZapHandler | None = None
 
     # -- entry ------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -66,19 +68,33 @@ class Daemon:
         d = self.cfg.daemon
         ctx = zmq.asyncio.Context()
         sync_ctx = zmq.Context.shadow(ctx.underlying)
+        curve = self.cfg.curve
         try:
-            self.publisher = Publisher(sync_ctx, d["publish"])
+            if curve is not None:
+                # the ZAP handler first: a CURVE socket without one on its context accepts every client
+                self.zap = ZapHandler(ctx, curve.authorized, curve.authorized_clients)
+                self._tasks.append(asyncio.create_task(self.zap.serve(), name="zap"))
+                loop.add_signal_handler(signal.SIGHUP, self.zap.reload)
+            self.publisher = Publisher(sync_ctx, d["publish"], curve=curve)
             self.rpc = RpcServer(ctx, d["control"], self.table, max_request_bytes=d["max_request_bytes"],
-                                 max_in_flight=d["max_requests_in_flight"])
+                                 max_in_flight=d["max_requests_in_flight"], curve=curve)
         except zmq.ZMQError as e:
             log.error("cannot bind endpoint", error=str(e), control=d["control"], publish=d["publish"])
             if self.publisher is not None:
                 self.publisher.close()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.zap is not None:
+                self.zap.close()
             ctx.destroy(linger=0)
             self.notifier.notify(STATUS=f"cannot bind: {e}", ERRNO=e.errno or 1)
             return EX_UNAVAILABLE
         log.info("qnetd starting", version=__version__, config=self.cfg.source, control=d["control"],
                  publish=d["publish"], pid=os.getpid())
+        if curve is not None:
+            log.info("CURVE authentication on", server_key=fingerprint(curve.public),
+                     authorized_clients=curve.authorized_clients, clients=len(curve.authorized))
         self._publish_health()  # state "starting"
         self._register_daemon_methods()
         self._tasks.append(asyncio.create_task(self.rpc.serve(), name="rpc"))
@@ -102,6 +118,8 @@ class Daemon:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
                 self.rpc.close()
                 self.publisher.close()
+                if self.zap is not None:
+                    self.zap.close()
                 ctx.destroy(linger=0)
                 return EX_UNAVAILABLE
             self.simulation.register(self.table)
@@ -204,6 +222,8 @@ class Daemon:
             self.rpc.close()
         if self.publisher is not None:
             self.publisher.close()
+        if self.zap is not None:
+            self.zap.close()
         ctx.destroy(linger=300)
         self.notifier.notify(STATUS="stopped")
         self.notifier.close()
@@ -303,7 +323,7 @@ class Daemon:
     async def rpc_status(self) -> dict:
         """Daemon state, uptime, every device's state and last error, acquisition counters, RPC and publish
         statistics."""
-        return {
+        status = {
             "state": self.state,
             "version": __version__,
             "protocol_version": PROTOCOL_VERSION,
@@ -322,6 +342,10 @@ class Daemon:
             },
             "loop_lag_ms": round(self._loop_lag_ms, 3),
         }
+        if self.zap is not None:  # only with [daemon.curve]: without it the status is unchanged
+            status["curve"] = {"authorized_clients": len(self.zap.authorized), "accepted": self.zap.accepted,
+                               "denied": self.zap.denied}
+        return status
 
     async def rpc_shutdown(self) -> dict:
         """Stop the daemon cleanly: stream stopped, every device in its safe state, sockets closed."""

@@ -1,4 +1,4 @@
-"""``qnetd``: run the daemon, check a config, list drivers.
+"""``qnetd``: run the daemon, check a config, list drivers, make CURVE keys.
 
 Exit status: 0 clean stop, 1 unexpected error, 2 usage, 69 an endpoint could not be bound, 78 config error,
 130 interrupted (Ctrl-C) before the daemon had installed its signal handlers.
@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config and exit (78 if it has problems)")
     check.add_argument("--config", metavar="FILE", help=f"TOML config (default: {DEFAULT_SOURCE})")
 
+    keygen = sub.add_parser("keygen", help="write a CURVE key pair: NAME.key (public) and NAME.key_secret (mode 0600)")
+    keygen.add_argument("--out", metavar="DIR", default=".", help="directory to write to (default: the current one)")
+    keygen.add_argument("--name", metavar="NAME", default="qnetd", help="file name stem (default: qnetd)")
+
     sub.add_parser("drivers", help="list the installed drivers (entry-point group qnetd.drivers)")
     sub.add_parser("default-config", help="print the embedded default config (the simulated testbed)")
     return p
@@ -45,6 +49,16 @@ def _report(err: ConfigError) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "keygen":
+        from daemon.api.security import keygen
+
+        try:
+            public, secret = keygen(args.out, args.name)
+        except (OSError, ValueError) as e:
+            print(f"qnetd keygen: {e}", file=sys.stderr)
+            return 1
+        print(f"public key: {public}\nsecret key: {secret} (mode 0600: keep it private)")
+        return 0
     if args.command == "drivers":
         from drivers import registry
 

@@ -7,6 +7,15 @@
         for msg in qnet.subscribe("counts", count=3):
             print(msg["rates_hz"])
 
+A daemon with CURVE authentication (``[daemon.curve]``) needs the server's public key and the client's key
+pair (files written by ``qnetd keygen``)::
+
+    Client("tcp://lab-pc:5555", "tcp://lab-pc:5556",
+           curve_server_key="keys/qnetd.key", curve_client_keys="keys/alice.key_secret")
+
+or ``QNETD_SERVER_KEY`` / ``QNETD_CLIENT_KEY`` in the environment. An unauthorized client gets no answer at
+all (:class:`NoReply`), never an error message.
+
 A daemon error is raised as a subclass of :class:`~daemon.api.errors.RpcError` (``LimitExceeded``,
 ``DeviceUnavailable``, ``InvalidParams``, ...) carrying ``code``, ``message`` and ``data``. No answer within
 the timeout raises :class:`NoReply`. A client object is not thread-safe: use one per thread.
@@ -38,14 +47,61 @@ class NoReply(TimeoutError):
     """No daemon answered within the timeout (not running, wrong endpoint, or overloaded)."""
 
 
+KeySource = str | os.PathLike[str] | bytes
+
+
+def _curve_keys(server_key: KeySource | None, client_keys: KeySource | tuple[bytes, bytes] | None
+                ) -> tuple[bytes, bytes, bytes] | None:
+    """(server public, client public, client secret) Z85 keys, or None without CURVE.
+
+    ``server_key``: the server's public key file, or its 40-byte Z85 key as bytes. ``client_keys``: the
+    client's secret key file (NAME.key_secret), or a (public, secret) pair of Z85 bytes. Defaults come from
+    QNETD_SERVER_KEY / QNETD_CLIENT_KEY (file paths). Both or neither.
+    """
+    from daemon.api.security import load_public_key, load_secret_key
+
+    server_key = server_key or os.environ.get("QNETD_SERVER_KEY") or None
+    client_keys = client_keys or os.environ.get("QNETD_CLIENT_KEY") or None
+    if server_key is None and client_keys is None:
+        return None
+    if server_key is None or client_keys is None:
+        raise ValueError("CURVE needs both the server's public key (curve_server_key, QNETD_SERVER_KEY) and the "
+                         "client's secret key file (curve_client_keys, QNETD_CLIENT_KEY)")
+    if isinstance(server_key, bytes):
+        if len(server_key) != 40:
+            raise ValueError("curve_server_key as bytes must be the 40-character Z85 public key")
+        server = server_key
+    else:
+        server = load_public_key(os.path.expanduser(server_key))
+    if isinstance(client_keys, tuple):
+        public, secret = client_keys
+    elif isinstance(client_keys, bytes):
+        raise ValueError("curve_client_keys must be the path of the client's .key_secret file, or a "
+                         "(public, secret) pair of Z85 keys")
+    else:
+        public, secret = load_secret_key(os.path.expanduser(client_keys))
+    return server, public, secret
+
+
 class _Common:
     _ctx: Any  # zmq.Context or zmq.asyncio.Context, set by the subclass
 
-    def __init__(self, control: str | None, publish: str | None, timeout: float) -> None:
+    def __init__(self, control: str | None, publish: str | None, timeout: float,
+                 curve_server_key: KeySource | None = None,
+                 curve_client_keys: KeySource | tuple[bytes, bytes] | None = None) -> None:
         self.control = control or os.environ.get("QNETD_CONTROL", DEFAULT_CONTROL)
         self.publish = publish or os.environ.get("QNETD_PUBLISH", DEFAULT_PUBLISH)
         self.timeout = timeout
         self._ids = itertools.count(1)
+        self._curve = _curve_keys(curve_server_key, curve_client_keys)
+
+    def _secure(self, sock: Any) -> None:
+        """Make ``sock`` (not yet connected) a CURVE client when keys were given."""
+        if self._curve is not None:
+            server, public, secret = self._curve
+            sock.curve_serverkey = server
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
 
     def _request(self, method: str, params: dict[str, Any] | None) -> tuple[int, bytes]:
         rid = next(self._ids)
@@ -89,6 +145,7 @@ class _Common:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         try:
+            self._secure(sub)
             for p in [t.rstrip("*").encode() for t in topics] or [b""]:
                 sub.setsockopt(zmq.SUBSCRIBE, p)
             sub.connect(self.publish)
@@ -102,8 +159,9 @@ class Client(_Common):
     """Blocking client. ``timeout`` (s) bounds every call unless the call gives its own."""
 
     def __init__(self, control: str | None = None, publish: str | None = None, timeout: float = 10.0,
-                 context: zmq.Context | None = None) -> None:
-        super().__init__(control, publish, timeout)
+                 context: zmq.Context | None = None, *, curve_server_key: KeySource | None = None,
+                 curve_client_keys: KeySource | tuple[bytes, bytes] | None = None) -> None:
+        super().__init__(control, publish, timeout, curve_server_key, curve_client_keys)
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
 
@@ -111,6 +169,7 @@ class Client(_Common):
         if self._sock is None:
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            self._secure(s)
             s.connect(self.control)
             self._sock = s
         return self._sock
@@ -183,8 +242,9 @@ class AsyncClient(_Common):
     """asyncio client: ``await call(...)``, ``async for msg in subscribe(...)``. Calls may run concurrently."""
 
     def __init__(self, control: str | None = None, publish: str | None = None, timeout: float = 10.0,
-                 context: zmq.asyncio.Context | None = None) -> None:
-        super().__init__(control, publish, timeout)
+                 context: zmq.asyncio.Context | None = None, *, curve_server_key: KeySource | None = None,
+                 curve_client_keys: KeySource | tuple[bytes, bytes] | None = None) -> None:
+        super().__init__(control, publish, timeout, curve_server_key, curve_client_keys)
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._pending: dict[int, Any] = {}
@@ -194,6 +254,7 @@ class AsyncClient(_Common):
         if self._sock is None:
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
+            self._secure(s)
             s.connect(self.control)
             self._sock = s
         return self._sock

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.api.protocol import EndpointError, check_endpoint
+from daemon.api.security import CurveConfig, KeyFileError, load_authorized, load_secret_key
 from drivers import registry
 from drivers.base import GENERIC_METHODS, Device, all_limits, all_required_limits, exposed_methods
 from drivers.params import REQUIRED, Field, ParamError, validate_table
@@ -24,14 +25,19 @@ from drivers.params import REQUIRED, Field, ParamError, validate_table
 EX_CONFIG = 78  # sysexits.h: configuration error
 
 DAEMON_FIELDS: dict[str, Field] = {
-    "control": Field(str, "tcp://127.0.0.1:5555", doc="ROUTER endpoint for JSON-RPC control (loopback or ipc only)"),
-    "publish": Field(str, "tcp://127.0.0.1:5556", doc="PUB endpoint for published topics (loopback or ipc only)"),
+    "control": Field(str, "tcp://127.0.0.1:5555", doc="ROUTER endpoint for JSON-RPC control (loopback or ipc unless [daemon.curve] is set)"),
+    "publish": Field(str, "tcp://127.0.0.1:5556", doc="PUB endpoint for published topics (loopback or ipc unless [daemon.curve] is set)"),
     "log_format": Field(str, "auto", choices=("auto", "console", "json"), doc="auto: console on a TTY, JSON lines otherwise"),
     "log_level": Field(str, "info", choices=("debug", "info", "warning", "error"), doc="lowest level logged"),
     "max_request_bytes": Field(int, 1_048_576, unit="bytes", min=1024, max=256 * 1_048_576, doc="larger requests get -32600"),
     "max_requests_in_flight": Field(int, 256, min=1, max=100_000, doc="more concurrent requests get -32003 busy"),
     "health_interval_s": Field(float, 5.0, unit="s", min=0.1, max=3600, doc="period of the `daemon` topic"),
     "shutdown_timeout_s": Field(float, 8.0, unit="s", min=0.5, max=60, doc="total time allowed for safe states and close on stop"),
+}
+
+CURVE_FIELDS: dict[str, Field] = {
+    "server_secret_key": Field(str, doc="the daemon's secret key file (NAME.key_secret from `qnetd keygen`, mode 0600)"),
+    "authorized_clients": Field(str, doc="directory of the authorized clients' public key files (*.key)"),
 }
 
 SUPERVISOR_FIELDS: dict[str, Field] = {
@@ -101,6 +107,7 @@ class Config:
     analysis: dict[str, Any] | None = None  # validated [analysis] (daemon/analysis/pipeline.py), None: off
     source: str = "config"
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    curve: CurveConfig | None = None  # [daemon.curve]: both sockets are CURVE servers; None: no authentication
 
     @property
     def tagger(self) -> str | None:
@@ -215,11 +222,15 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
     for key in raw:
         if key not in TOP_LEVEL:
             errors.append(ParamError(key, "unknown section", "one of " + ", ".join(sorted(TOP_LEVEL))))
-    daemon = validate_table(raw.get("daemon", {}), DAEMON_FIELDS, "daemon", errors)
+    daemon = validate_table(raw.get("daemon", {}), DAEMON_FIELDS, "daemon", errors, extra_keys=("curve",))
+    curve_raw = raw.get("daemon", {}).get("curve") if isinstance(raw.get("daemon"), dict) else None
+    curve = _curve(curve_raw, errors) if curve_raw is not None else None
     for key in ("control", "publish"):
         if isinstance(daemon[key], str):
             try:
-                check_endpoint(daemon[key])
+                # a remote bind needs CURVE; a [daemon.curve] with errors is already reported, so do not add
+                # a second, misleading "not loopback" error for it
+                check_endpoint(daemon[key], allow_remote=curve_raw is not None)
             except EndpointError as e:
                 errors.append(ParamError(f"daemon.{key}", str(e)))
     if daemon["control"] == daemon["publish"]:
@@ -263,7 +274,29 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
                                      "a [devices.NAME] time tagger, or analysis.enabled = false"))
     if errors:
         raise ConfigError(errors, source)
-    return Config(daemon, SupervisorConfig(**sup), acq, devices, sim, analysis, source, raw)
+    return Config(daemon, SupervisorConfig(**sup), acq, devices, sim, analysis, source, raw, curve)
+
+
+def _curve(raw: Any, errors: list[ParamError]) -> CurveConfig | None:
+    """Validate [daemon.curve] and load its key files (errors name the key and the file, never key material)."""
+    n_before = len(errors)
+    table = validate_table(raw, CURVE_FIELDS, "daemon.curve", errors,
+                           not_table_hint="a table with server_secret_key and authorized_clients")
+    if len(errors) > n_before:
+        return None
+    try:
+        public, secret = load_secret_key(table["server_secret_key"])
+    except KeyFileError as e:
+        errors.append(ParamError("daemon.curve.server_secret_key", str(e)))
+        public = secret = None
+    try:
+        authorized = load_authorized(table["authorized_clients"])
+    except KeyFileError as e:
+        errors.append(ParamError("daemon.curve.authorized_clients", str(e)))
+        authorized = None
+    if public is None or secret is None or authorized is None:
+        return None
+    return CurveConfig(table["server_secret_key"], table["authorized_clients"], public, secret, authorized)
 
 
 def parse(text: str, source: str = "config") -> dict[str, Any]:
@@ -305,7 +338,7 @@ def load(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | 
 def schema_doc() -> str:
     """Markdown tables of every section's keys (used to write docs/configuration.md)."""
     out = []
-    for title, schema in (("[daemon]", DAEMON_FIELDS), ("[supervisor]", SUPERVISOR_FIELDS),
+    for title, schema in (("[daemon]", DAEMON_FIELDS), ("[daemon.curve]", CURVE_FIELDS), ("[supervisor]", SUPERVISOR_FIELDS),
                           ("[acquisition]", ACQUISITION_FIELDS), ("[devices.NAME]", DEVICE_FIELDS)):
         out.append(f"### {title}\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|")
         for key, f in schema.items():

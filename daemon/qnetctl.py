@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--control", default=None, metavar="EP", help=f"control endpoint (default $QNETD_CONTROL or {DEFAULT_CONTROL})")
     p.add_argument("--publish", default=None, metavar="EP", help=f"publish endpoint (default $QNETD_PUBLISH or {DEFAULT_PUBLISH})")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds to wait for an answer (default 10)")
+    p.add_argument("--server-key", default=None, metavar="FILE",
+                   help="CURVE: the daemon's public key file (default $QNETD_SERVER_KEY; needs --client-key)")
+    p.add_argument("--client-key", default=None, metavar="FILE",
+                   help="CURVE: this client's secret key file, NAME.key_secret (default $QNETD_CLIENT_KEY)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     sub.add_parser("describe", help="print every method, topic and device")
     sub.add_parser("status", help="print daemon and device status")
@@ -77,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"qnetctl: {e}", file=sys.stderr)
         return EXIT_USAGE
-    client = Client(args.control, args.publish, timeout=args.timeout)
+    try:
+        client = Client(args.control, args.publish, timeout=args.timeout,
+                        curve_server_key=args.server_key, curve_client_keys=args.client_key)
+    except ValueError as e:  # includes KeyFileError: names the file, never its contents
+        print(f"qnetctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         if args.command == "describe":
             _print(client.describe())

@@ -119,7 +119,8 @@ def check_endpoint(endpoint: str, *, allow_remote: bool = False) -> str:
 
     Allowed without authentication: ``tcp://`` on a loopback address (127.0.0.0/8, ::1, localhost) with an
     explicit port, ``ipc://`` and ``inproc://``. Anything else would expose an unauthenticated control or
-    data port to the network; it needs CURVE (``allow_remote``), which a later protocol version adds.
+    data port to the network; it needs CURVE authentication (``[daemon.curve]``), which the caller says
+    with ``allow_remote``.
     """
     if not isinstance(endpoint, str) or "://" not in endpoint:
         raise EndpointError(f"{endpoint!r} is not a ZeroMQ endpoint (tcp://127.0.0.1:PORT, ipc://PATH)")
@@ -150,6 +151,7 @@ def check_endpoint(endpoint: str, *, allow_remote: bool = False) -> str:
         raise EndpointError(
             f"{endpoint!r} is not a loopback address: an unauthenticated qnetd endpoint may only bind to "
             "127.0.0.1, ::1 or localhost (or ipc://), because anyone who reaches it can drive the lab's "
-            "instruments. Use an SSH tunnel, or CURVE authentication once available."
+            "instruments. Configure CURVE authentication ([daemon.curve], see docs/operations.md) to bind "
+            "other addresses, or use an SSH tunnel."
         )
     return endpoint

@@ -14,6 +14,7 @@ import structlog
 import zmq
 
 from daemon.api.protocol import encode_message
+from daemon.api.security import CurveConfig, make_server
 
 log = structlog.get_logger("qnetd.publish")
 
@@ -22,13 +23,16 @@ class Publisher:
     """A plain (synchronous) PUB socket: a non-blocking send on PUB returns at once, so it is safe to call
     from the event loop, and no future is left behind per message."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, sndhwm: int = 10_000) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, sndhwm: int = 10_000,
+                 curve: CurveConfig | None = None) -> None:
         self.endpoint = endpoint
         self.socket = ctx.socket(zmq.PUB)
         self.socket.setsockopt(zmq.SNDHWM, sndhwm)
         self.socket.setsockopt(zmq.LINGER, 500)
         if "[" in endpoint or endpoint.count(":") > 2:
             self.socket.setsockopt(zmq.IPV6, 1)
+        if curve is not None:
+            make_server(self.socket, curve)
         try:
             self.socket.bind(endpoint)
         except zmq.ZMQError:

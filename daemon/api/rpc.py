@@ -20,6 +20,7 @@ import zmq.asyncio
 from daemon.api.errors import Busy, InternalError, InvalidRequest, ParseError, RpcError
 from daemon.api.methods import MethodTable
 from daemon.api.protocol import dumps
+from daemon.api.security import CurveConfig, make_server
 
 log = structlog.get_logger("qnetd.rpc")
 
@@ -36,7 +37,8 @@ def _valid_id(value: Any) -> bool:
 
 class RpcServer:
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, table: MethodTable, *,
-                 max_request_bytes: int = 1_048_576, max_in_flight: int = 256) -> None:
+                 max_request_bytes: int = 1_048_576, max_in_flight: int = 256,
+                 curve: CurveConfig | None = None) -> None:
         self.table = table
         self.endpoint = endpoint
         self.max_request_bytes = max_request_bytes
@@ -46,6 +48,8 @@ class RpcServer:
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_request_bytes * HARD_LIMIT_FACTOR)
         if "[" in endpoint:
             self.socket.setsockopt(zmq.IPV6, 1)
+        if curve is not None:
+            make_server(self.socket, curve)
         try:
             self.socket.bind(endpoint)
         except zmq.ZMQError:
