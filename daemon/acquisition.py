@@ -13,7 +13,7 @@ import asyncio
 import re
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import structlog
 
@@ -55,6 +55,9 @@ class Acquisition:
         self._resume = asyncio.Event()
         self._resume.set()
         self._task: asyncio.Task[None] | None = None
+        # called in the event loop with (topic, fields, t_begin_ps, t_end_ps) of every analysis message
+        # (daemon/control reads qkd.<link> here); an exception in one is logged, never stops acquisition
+        self.listeners: list[Callable[[str, dict[str, Any], int, int], None]] = []
 
     def start(self) -> asyncio.Task[None]:
         self._task = asyncio.create_task(self._run(), name="acquisition")
@@ -145,6 +148,11 @@ class Acquisition:
     def _publish_analysis(self, messages: list[Any]) -> None:
         for topic, fields, arrays, t_begin, t_end in messages:
             self.pub.publish(topic, fields, arrays, t_begin_ps=t_begin, t_end_ps=t_end)
+            for listener in self.listeners:
+                try:
+                    listener(topic, fields, t_begin, t_end)
+                except Exception:  # noqa: BLE001
+                    self.log.exception("analysis listener failed", topic=topic)
 
     def _publish_counts(self, iv: CountsInterval) -> None:
         self.intervals += 1

@@ -49,6 +49,7 @@ class Daemon:
         self.supervisors: dict[str, DeviceSupervisor] = {}
         self.table = MethodTable()
         self.acquisition: Acquisition | None = None
+        self.control: Any = None  # daemon.control.polarization.ControlHost with [control.polarization.*]
         self.notifier = Notifier()
         self._stop = asyncio.Event()
         self._stop_reason = ""
@@ -147,6 +148,11 @@ class Daemon:
                                            pipeline=pipeline, record_dir=acq["record_dir"])
             self.acquisition.register(self.table)
             self.acquisition.start()
+            if self.cfg.control and pipeline is not None:
+                from daemon.control.polarization import ControlHost
+
+                self.control = ControlHost(self.cfg.control, self.supervisors, self.publisher, self.acquisition)
+                self.control.register(self.table)
         if self._stop.is_set():  # stopped while starting: no READY=1, straight to the safe shutdown
             await self._shutdown(ctx)
             return 0
@@ -202,6 +208,8 @@ class Daemon:
         # the budget covers everything: stream, safe states and closes, then up to ~1 s for sockets
         budget = max(0.5, self.cfg.daemon["shutdown_timeout_s"] - 1.0)
         t0 = time.monotonic()
+        if self.control is not None:
+            await self.control.stop()
         if self.acquisition is not None:
             await self.acquisition.stop(timeout=min(2.0, budget / 3))
         left = max(0.2, budget - (time.monotonic() - t0))

@@ -108,6 +108,7 @@ class Config:
     source: str = "config"
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     curve: CurveConfig | None = None  # [daemon.curve]: both sockets are CURVE servers; None: no authentication
+    control: dict[str, Any] = field(default_factory=dict)  # [control.polarization.NAME] (daemon/control)
 
     @property
     def tagger(self) -> str | None:
@@ -188,7 +189,7 @@ def _device(name: str, raw: Any, sup: dict[str, Any], errors: list[ParamError]) 
     return DeviceConfig(name, driver, cls, options, limits, SupervisorConfig(**merged), table["enabled"])
 
 
-TOP_LEVEL = {"daemon", "supervisor", "acquisition", "devices", "simulation", "analysis"}
+TOP_LEVEL = {"daemon", "supervisor", "acquisition", "devices", "simulation", "analysis", "control"}
 
 
 def _simulation(raw: dict[str, Any], devices: dict[str, DeviceConfig], errors: list[ParamError]) -> Any:
@@ -272,9 +273,15 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
         elif analysis is not None and not acq["tagger"]:
             errors.append(ParamError("analysis", "coincidence analysis needs a streaming time tagger",
                                      "a [devices.NAME] time tagger, or analysis.enabled = false"))
+    control: dict[str, Any] = {}
+    if "control" in raw:
+        from daemon.control.polarization import validate as validate_control
+
+        links = [lk["name"] for lk in (analysis or {}).get("links", [])]
+        control = validate_control(raw["control"], errors, devices=devices, links=links)
     if errors:
         raise ConfigError(errors, source)
-    return Config(daemon, SupervisorConfig(**sup), acq, devices, sim, analysis, source, raw, curve)
+    return Config(daemon, SupervisorConfig(**sup), acq, devices, sim, analysis, source, raw, curve, control)
 
 
 def _curve(raw: Any, errors: list[ParamError]) -> CurveConfig | None:

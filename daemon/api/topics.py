@@ -64,7 +64,9 @@ def all_topics() -> dict[str, dict[str, Any]]:
     from daemon.analysis.pipeline import PROGRESS_TOPIC
     from daemon.analysis.pipeline import TOPICS as ANALYSIS_TOPICS
 
-    return {**TOPICS, **ANALYSIS_TOPICS, **PROGRESS_TOPIC}
+    from daemon.control.polarization import TOPICS as CONTROL_TOPICS
+
+    return {**TOPICS, **ANALYSIS_TOPICS, **PROGRESS_TOPIC, **CONTROL_TOPICS}
 
 
 def describe_topics() -> list[dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""Closed-loop control of the testbed (issue 7): polarization compensation (daemon/control/polarization.py)."""
