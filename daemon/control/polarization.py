@@ -15,14 +15,16 @@ the 5 parameters by least squares (so counting noise is averaged over all sample
 difference at a time), moves to the fitted minimum inside the limits and measures it: it keeps that
 angle if it is no worse than the best sampled one, else it goes to the best sample. Each step is a global
 minimization along one coordinate, needs no step size and no gradient, and every move is an absolute
-move to a known angle (slow paddles are visited once per sample). Sweeps over the paddles repeat until
-both bases are at the target, or a sweep no longer improves (``stalled``), or ``max_sweeps``.
+move to a known angle (slow paddles are visited once per sample). Near the optimum (max QBER below
+``local_below_qber``) steps are local instead: a parabola through here +- step, with the step halved when a
+sweep does not improve. Sweeps repeat until both bases are at the target, or no longer improve
+(``stalled``: back to the best setting of the run), or ``max_sweeps``.
 
 Fixing one arm suffices: for phi+, what the receivers see depends on ``U_A U_B^T`` up to a phase, and a
 quarter-half-quarter controller on one arm reaches (almost, given the 0-170 degree travel) all of SU(2).
 
-Life cycle: ``idle`` -> (QBER above ``threshold_qber`` in both... either basis for ``hold_s`` of tagger
-time, with ``auto``; or RPC start) ``adjusting`` -> ``converged`` / ``stalled`` / ``stopped`` -> ``idle``
+Life cycle: ``idle`` -> (max(QBER Z, X) above ``threshold_qber`` for ``hold_s`` of tagger time, with
+``auto``; or RPC start) ``adjusting`` -> ``converged`` / ``stalled`` / ``stopped`` -> ``idle``
 watching again. A device fault (or a missing QBER feed) makes it ``paused`` with the reason; it resumes
 by itself when the device is ready again. While it runs, ``adjusting`` is true on topic ``control.<name>``
 and in ``control.<name>.status``: key production must not use intervals measured while adjusting
@@ -43,6 +45,7 @@ from daemon.api.errors import RpcError
 from drivers.params import REQUIRED, Field, ParamError, validate_table
 
 PS_PER_S = 1_000_000_000_000
+MIN_STEP_DEG = 0.5  # local steps are halved down to this before a run gives up
 
 FIELDS: dict[str, Field] = {
     "enabled": Field(bool, True, doc="false: the loop is not created"),
@@ -58,12 +61,12 @@ FIELDS: dict[str, Field] = {
     "samples": Field(int, 6, min=5, max=36, doc="angles sampled per paddle step (5 determine the fit)"),
     "fine_step_deg": Field(float, 4.0, unit="deg", min=0.0, max=40.0,
                            doc="step of the local (parabolic) coordinate steps near the optimum (0: never local)"),
-    "local_below_qber": Field(float, 0.06, min=0.0, max=0.5,
+    "local_below_qber": Field(float, 0.12, min=0.0, max=0.5,
                               doc="max(QBER Z, X) below which a run uses local steps, not whole-range sweeps"),
     "settle_s": Field(float, 0.1, unit="s", min=0.0, max=60.0,
                       doc="tagger time discarded after a move completes (batches already in flight)"),
     "measure_intervals": Field(int, 1, min=1, max=1000, doc="qkd intervals summed per measurement"),
-    "max_sweeps": Field(int, 8, min=1, max=1000, doc="sweeps over the paddles before giving up"),
+    "max_sweeps": Field(int, 12, min=1, max=1000, doc="sweeps over the paddles before giving up"),
     "measure_timeout_s": Field(float, 30.0, unit="s", min=0.1, max=3600.0,
                                doc="wall seconds without QBER data before the loop pauses"),
 }
@@ -158,6 +161,7 @@ class PolarizationLoop:
         self.history: list[dict[str, Any]] = []  # per measurement of the last run: steps, sim_s, qber
         self._t0_ps: int | None = None
         self._best: tuple[float, list[float]] = (math.inf, [])
+        self._step = float(cfg["fine_step_deg"])
         self._t_last_ps = 0
         self._above_since_ps: int | None = None
         self._queue: asyncio.Queue[tuple[int, int, dict]] = asyncio.Queue(maxsize=1000)
@@ -319,6 +323,7 @@ class PolarizationLoop:
         if self._at_target():
             return True, "at target"
         local = self.cfg["fine_step_deg"] > 0 and max(self.last.values()) <= self.cfg["local_below_qber"]
+        self._step = self.cfg["fine_step_deg"]
         while self.sweep < self.cfg["max_sweeps"]:
             self.sweep += 1
             start_cost = cost
@@ -331,9 +336,13 @@ class PolarizationLoop:
             if not local and self.cfg["fine_step_deg"] > 0 and max(self.last.values()) <= self.cfg["local_below_qber"]:
                 local = True  # near the optimum: the fine parabolic steps from now on
                 continue
-            if cost > start_cost - 0.002:  # no progress beyond counting noise
-                await self._restore_best()
-                return False, f"no improvement in sweep {self.sweep} (QBER Z+X {self._best[0]:.4f} at best)"
+            if cost <= start_cost - 0.002:
+                continue
+            if local and self._step / 2 >= MIN_STEP_DEG:  # step adaptation: finer steps before giving up
+                self._step /= 2
+                continue
+            await self._restore_best()  # no progress beyond counting noise
+            return False, f"no improvement in sweep {self.sweep} (QBER Z+X {self._best[0]:.4f} at best)"
         await self._restore_best()
         return False, f"not at target after {self.sweep} sweeps"
 
@@ -371,7 +380,7 @@ class PolarizationLoop:
         """Near the optimum: cost at here +- fine_step_deg, parabola through the three, go to its vertex
         (at most two steps away); keep the best of what was measured. Small moves: tracking under drift."""
         assert self.paddles is not None
-        s = self.cfg["fine_step_deg"]
+        s = self._step
         here = self.paddles[p]
         c0 = min(max(here, self.lo + s), self.hi - s)  # centre so that both neighbours are in range
         pts: dict[float, float] = {}
