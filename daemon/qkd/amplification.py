@@ -34,11 +34,17 @@ import os
 import numpy as np
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 __all__ = [
     "AmplificationError",
     "HAVE_PCLMUL",
+    "KERNEL",
+    "KERNELS",
+    "available_kernels",
+    "set_kernel",
+    "toeplitz_hash_words",
     "new_seed",
     "toeplitz_hash",
     "toeplitz_hash_fft",
@@ -52,17 +58,69 @@ class AmplificationError(ValueError):
     """Bad arguments, or (fft method) a convolution that did not round exactly."""
 
 
-def _host_has_pclmul() -> bool:
+# --- kernel selection ---------------------------------------------------------------------------------------
+# Each kernel is a distinct numba specialisation, selected by the *type* of a token argument (so code for an
+# instruction set is only ever compiled when that kernel is used: compiling a PCLMULQDQ intrinsic for a CPU
+# without it is a fatal LLVM error, not an exception).
+KERNELS = ("vpclmul512", "vpclmul256", "pclmul", "portable")  # fastest first
+_TOKENS = {"portable": np.uint8(0), "pclmul": np.uint16(0), "vpclmul256": np.uint32(0), "vpclmul512": np.uint64(0)}
+_WIDTH = {8: 0, 16: 2, 32: 4, 64: 8}  # token bit width -> uint64 words per vector (0: portable, no vectors)
+_NEEDS = {"vpclmul512": {"vpclmulqdq", "avx512f"}, "vpclmul256": {"vpclmulqdq", "avx"}, "pclmul": {"pclmul"},
+          "portable": set()}
+# base-case size (words) below which the Karatsuba split stops, per kernel; measured (docs/qkd-keys.md)
+BASE_WORDS = {"vpclmul512": 32, "vpclmul256": 32, "pclmul": 32, "portable": 8}
+
+
+def _cpu_features() -> set[str]:
+    """Features of the CPU numba compiles for (the host, unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say else)."""
     try:
+        from numba.core import config
+
+        if config.CPU_FEATURES:
+            return {f[1:] for f in str(config.CPU_FEATURES).split(",") if f.startswith("+")}
+        if config.CPU_NAME and config.CPU_NAME != "host":
+            return set()  # a generic target: assume nothing
         import llvmlite.binding as llvm
 
-        feats = llvm.get_host_cpu_features()
-        return bool(feats.get("pclmul", False))
+        return {k for k, v in llvm.get_host_cpu_features().items() if v}
     except Exception:  # pragma: no cover - exotic llvmlite builds
-        return False
+        return set()
 
 
-HAVE_PCLMUL = _host_has_pclmul() and os.environ.get("QNETD_NO_PCLMUL", "") == ""
+_FEATURES = _cpu_features()
+
+
+def available_kernels() -> tuple[str, ...]:
+    """Kernels this CPU can run, fastest first (``portable`` always)."""
+    return tuple(k for k in KERNELS if _NEEDS[k] <= _FEATURES)
+
+
+def _default_kernel() -> str:
+    if os.environ.get("QNETD_NO_PCLMUL", ""):
+        return "portable"
+    want = os.environ.get("QNETD_PA_KERNEL", "")
+    avail = available_kernels()
+    if want in avail:
+        return want
+    if want:
+        import logging
+
+        logging.getLogger(__name__).warning("QNETD_PA_KERNEL=%s not available here (%s); using %s", want,
+                                            ", ".join(avail), avail[0])
+    return avail[0]
+
+
+KERNEL = _default_kernel()
+HAVE_PCLMUL = "pclmul" in _FEATURES and KERNEL != "portable"
+
+
+def set_kernel(name: str) -> str:
+    """Select the kernel used by default (one of :func:`available_kernels`); returns the previous one."""
+    global KERNEL
+    if name not in available_kernels():
+        raise AmplificationError(f"kernel {name!r} not available on this CPU (have: {', '.join(available_kernels())})")
+    prev, KERNEL = KERNEL, name
+    return prev
 
 
 @intrinsic
@@ -71,8 +129,6 @@ def _clmul_hw(typingctx, a, b):  # pragma: no cover - compiled
     sig = types.UniTuple(types.uint64, 2)(types.uint64, types.uint64)
 
     def codegen(context, builder, signature, args):
-        from llvmlite import ir
-
         i64 = ir.IntType(64)
         i32 = ir.IntType(32)
         vt = ir.VectorType(i64, 2)
@@ -90,84 +146,169 @@ def _clmul_hw(typingctx, a, b):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def _clmul_sw(a, b):  # pragma: no cover - jit
-    """Portable carry-less 64x64 -> 128 multiply (shift and xor)."""
+    """Portable carry-less 64x64 -> 128 multiply: 4-bit windows of ``b`` against a table of a * {0..15}."""
+    tl = np.empty(16, np.uint64)
+    th = np.empty(16, np.uint64)
+    tl[0] = 0
+    th[0] = 0
+    for i in range(1, 16):  # a * i: the low word and the (at most 3) bits that overflow it
+        lo = np.uint64(0)
+        hi = np.uint64(0)
+        for j in range(4):
+            if (i >> j) & 1:
+                lo ^= a << np.uint64(j)
+                if j:
+                    hi ^= a >> np.uint64(64 - j)
+        tl[i] = lo
+        th[i] = hi
     lo = np.uint64(0)
     hi = np.uint64(0)
-    one = np.uint64(1)
-    for i in range(64):
-        if (b >> np.uint64(i)) & one:
-            lo ^= a << np.uint64(i)
-            if i:
-                hi ^= a >> np.uint64(64 - i)
+    for w in range(15, -1, -1):  # Horner over the nibbles of b, most significant first
+        hi = (hi << np.uint64(4)) | (lo >> np.uint64(60))
+        lo = lo << np.uint64(4)
+        v = (b >> np.uint64(4 * w)) & np.uint64(15)
+        lo ^= tl[v]
+        hi ^= th[v]
     return lo, hi
 
 
-_clmul = _clmul_hw if HAVE_PCLMUL else _clmul_sw
-BASE_WORDS = 32  # schoolbook base case below this many words (16..64 measured within noise; 32 chosen)
+_VNAME = {2: "llvm.x86.pclmulqdq", 4: "llvm.x86.pclmulqdq.256", 8: "llvm.x86.pclmulqdq.512"}
+
+
+@intrinsic
+def _vbase(typingctx, mode, t, x, n, p):  # pragma: no cover - compiled
+    """Vector base case: p[i] ^= word n-1+i of the product t(z) x(z), i = 0 .. n+1 (more words may be touched).
+
+    Words Q_k (128-bit, at product words k, k+1) = sum_b clmul(t[k-b], x[b]) for k = n-1 .. in groups of S = R*W:
+    per b, one broadcast of x[b] and R loads of W consecutive seed words; (V)PCLMULQDQ with imm 0x00 gives the
+    Q_k of the even words of each 128-bit lane, imm 0x01 those of the odd words. Accumulators stay in
+    registers; each group ends with p[k - n + 1 ...] ^= even part, p[k - n + 2 ...] ^= odd part.
+    Reads t[0 .. 2n + S - 2]: the caller guarantees S - 1 readable words past t[2n - 1] (their values only reach
+    Q_k with k > 2n - 1, i.e. product words >= 2n, which are not used); x is read in range."""
+    W = _WIDTH[mode.bitwidth]
+    R = 4 if W <= 4 else 2
+    S = R * W
+    sig = types.void(mode, t, x, n, p)
+
+    def codegen(context, builder, signature, args):
+        _, ta, xa, nv, pa_ = args
+        i64 = ir.IntType(64)
+        i32 = ir.IntType(32)
+        i8 = ir.IntType(8)
+        vt = ir.VectorType(i64, W)
+        vp = vt.as_pointer()
+        tptr = context.make_array(signature.args[1])(context, builder, ta).data
+        xptr = context.make_array(signature.args[2])(context, builder, xa).data
+        pptr = context.make_array(signature.args[4])(context, builder, pa_).data
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, i8]), _VNAME[W])
+        zero = ir.Constant(vt, [0] * W)
+        accs = [cgutils.alloca_once(builder, vt) for _ in range(2 * R)]
+        ngroups = builder.sdiv(builder.add(nv, i64(S)), i64(S))  # ceil((n + 1) / S)
+        nm1 = builder.sub(nv, i64(1))
+        splat = ir.Constant(ir.VectorType(i32, W), [0] * W)
+        with cgutils.for_range(builder, ngroups) as g:
+            gs = builder.mul(g.index, i64(S))
+            k0 = builder.add(nm1, gs)
+            for a in accs:
+                builder.store(zero, a)
+            with cgutils.for_range(builder, nv) as bl:
+                b = bl.index
+                xb = builder.load(builder.gep(xptr, [b]))
+                xv = builder.insert_element(ir.Constant(vt, None), xb, i32(0))
+                xv = builder.shuffle_vector(xv, ir.Constant(vt, None), splat)
+                base = builder.sub(k0, b)
+                for r in range(R):
+                    ptr = builder.bitcast(builder.gep(tptr, [builder.add(base, i64(r * W))]), vp)
+                    tv = builder.load(ptr, align=8)
+                    e = builder.call(fn, [tv, xv, i8(0)])
+                    o = builder.call(fn, [tv, xv, i8(1)])
+                    builder.store(builder.xor(builder.load(accs[2 * r]), e), accs[2 * r])
+                    builder.store(builder.xor(builder.load(accs[2 * r + 1]), o), accs[2 * r + 1])
+            for r in range(R):
+                for h in range(2):
+                    ptr = builder.bitcast(builder.gep(pptr, [builder.add(gs, i64(r * W + h))]), vp)
+                    v = builder.load(ptr, align=8)
+                    builder.store(builder.xor(v, builder.load(accs[2 * r + h])), ptr, align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True, nogil=True)
-def _tmvp_base(t, x, n, y):  # pragma: no cover - jit
-    """y[0:n] = T x for one Toeplitz block of 64n bits (seed t: 2n words, its last bit unused).
-
-    y_i = coefficient i + 64n - 1 of t(z) x(z): product words n-1 .. 2n-1 by product scanning (each output
-    word accumulated in registers from the carry-less products whose word indices sum to it), then a 1-bit
-    shift."""
+def _base_portable(t, x, n, p):  # pragma: no cover - jit
+    """Same contract as :func:`_vbase` (writes p[1 .. n]), with the portable multiply, product scanning."""
     carry = np.uint64(0)
-    k = n - 2
-    if k >= 0:
-        for b in range(0, min(k, n - 1) + 1):
-            lo, hi = _clmul(t[k - b], x[b])
-            carry ^= hi
-    prev = np.uint64(0)
-    for k in range(n - 1, 2 * n):
+    for b in range(n):  # Q_{n-1}: only its high word is used (product word n)
+        lo, hi = _clmul_sw(t[n - 1 - b], x[b])
+        carry ^= hi
+    for k in range(n, 2 * n):
         acc_lo = carry
         acc_hi = np.uint64(0)
-        b0 = max(0, k - 2 * n + 1)
-        b1 = min(k, n - 1)
-        for b in range(b0, b1 + 1):
-            lo, hi = _clmul(t[k - b], x[b])
+        for b in range(n):
+            lo, hi = _clmul_sw(t[k - b], x[b])
             acc_lo ^= lo
             acc_hi ^= hi
+        p[k - n + 1] ^= acc_lo
         carry = acc_hi
-        if k > n - 1:
-            y[k - n] = (prev >> np.uint64(63)) | (acc_lo << np.uint64(1))
-        prev = acc_lo
+
+
+def _base(mode, t, x, n, p):  # pragma: no cover - stub, replaced by the overload below in jitted code
+    raise NotImplementedError
+
+
+@overload(_base)
+def _base_overload(mode, t, x, n, p):
+    if _WIDTH[mode.bitwidth] == 0:
+        def impl(mode, t, x, n, p):  # pragma: no cover - jit
+            _base_portable(t, x, n, p)
+    else:
+        def impl(mode, t, x, n, p):  # pragma: no cover - jit
+            _vbase(mode, t, x, n, p)
+    return impl
+
+
+PAD_WORDS = 40  # readable words a seed needs past its end, and slack of the base case's product buffer
 
 
 @njit(cache=True, nogil=True)
-def _tmvp(t, x, n, y, scratch):  # pragma: no cover - jit
-    """y[0:n] = T x over GF(2), T the 64n x 64n Toeplitz matrix of seed t (2n words); Karatsuba-style split.
-
-    With T = [[T1, T0], [T2, T1]] (block seeds at word offsets h, 0, 2h):
-    P0 = T1 (x0 + x1), y0 = P0 + (T0 + T1) x1, y1 = P0 + (T2 + T1) x0 -- three half-size products."""
-    if n <= BASE_WORDS or n & 1:
-        _tmvp_base(t, x, n, y)
+def _tmvp(mode, t, x, n, y, scratch, base):  # pragma: no cover - jit
+    """y[0:n] = T x over GF(2): T the 64n x 64n Toeplitz matrix ``T[i, j] = u[i - j + 64n]`` of the seed u = t
+    (2n words; bit 0 unused; PAD_WORDS readable words after it). Karatsuba-style split:
+    T = [[T1, T0], [T2, T1]] (block seeds at word offsets h, 0, 2h, same convention):
+    P0 = T1 (x0 + x1), y0 = P0 + (T0 + T1) x1, y1 = P0 + (T2 + T1) x0 -- three half-size products.
+    scratch: >= 4n + 2 PAD_WORDS words, disjoint from t, x, y."""
+    if n <= base or n & 1:
+        p = scratch[PAD_WORDS: 2 * PAD_WORDS + n + 2]  # after a gap: a parent's seed may be read into it
+        for i in range(n + PAD_WORDS + 2):
+            p[i] = 0
+        _base(mode, t, x, n, p)
+        for i in range(n):
+            y[i] = p[i + 1]
         return
     h = n // 2
     sx = scratch[:h]
     p0 = scratch[h: 2 * h]
-    st = scratch[2 * h: 4 * h]
+    st = scratch[2 * h:]
     rest = scratch[4 * h:]
     for i in range(h):
         sx[i] = x[i] ^ x[h + i]
-    _tmvp(t[h: 3 * h], sx, h, p0, rest)
+    _tmvp(mode, t[h:], sx, h, p0, rest, base)
     for i in range(2 * h):
         st[i] = t[i] ^ t[h + i]
-    _tmvp(st, x[h:], h, y[:h], rest)
+    _tmvp(mode, st, x[h:], h, y[:h], rest, base)
     for i in range(2 * h):
         st[i] = t[2 * h + i] ^ t[h + i]
-    _tmvp(st, x[:h], h, y[h:], rest)
+    _tmvp(mode, st, x[:h], h, y[h:], rest, base)
     for i in range(h):
         y[i] ^= p0[i]
         y[h + i] ^= p0[i]
 
 
 @njit(cache=True, nogil=True)
-def _hash_blocks(sp, xw, N, nb, base_off, out):  # pragma: no cover - jit
+def _hash_blocks(mode, sp, xw, N, nb, base_off, out, base):  # pragma: no cover - jit
     """out[0:N] = sum over column blocks b of T_b x_b; block b's seed starts at word base_off - b*N of sp."""
-    tmp = np.zeros(N, np.uint64)
-    scratch = np.zeros(4 * N + 64, np.uint64)
+    tmp = np.empty(N, np.uint64)
+    scratch = np.empty(4 * N + 4 * PAD_WORDS, np.uint64)
     for b in range(nb):
         xb = xw[b * N: (b + 1) * N]
         nz = False
@@ -178,25 +319,24 @@ def _hash_blocks(sp, xw, N, nb, base_off, out):  # pragma: no cover - jit
         if not nz:
             continue
         o = base_off - b * N
-        _tmvp(sp[o: o + 2 * N], xb, N, tmp, scratch)
+        _tmvp(mode, sp[o:], xb, N, tmp, scratch, base)
         for i in range(N):
             out[i] ^= tmp[i]
 
 
 @njit(cache=True, nogil=True)
-def _extract_bits(acc, first_word, bit0, m):  # pragma: no cover - jit
-    """Words holding coefficients bit0 .. bit0+m-1 of a product whose word first_word is acc[0]."""
-    nw = (m + 63) // 64
-    out = np.zeros(nw, np.uint64)
-    off = bit0 - first_word * 64
-    q = off // 64
-    r = np.uint64(off % 64)
-    for w in range(nw):
-        v = acc[q + w] >> r
-        if r != 0 and q + w + 1 < acc.shape[0]:
-            v |= acc[q + w + 1] << np.uint64(64 - (off % 64))
-        out[w] = v
-    return out
+def _place_bits(dst, src, nbits, bitoff):  # pragma: no cover - jit
+    """dst ^= (the first nbits bits of src) shifted up by bitoff bits (dst zero there, large enough)."""
+    nw = (nbits + 63) // 64
+    q = bitoff // 64
+    r = np.uint64(bitoff % 64)
+    for i in range(nw):
+        v = src[i]
+        if i == nw - 1 and nbits % 64:
+            v &= (np.uint64(1) << np.uint64(nbits % 64)) - np.uint64(1)
+        dst[q + i] ^= v << r
+        if r:
+            dst[q + i + 1] ^= v >> (np.uint64(64) - r)
 
 
 def pack_bits(bits: np.ndarray, words: int | None = None) -> np.ndarray:
@@ -238,17 +378,66 @@ def _check(key: np.ndarray, seed: np.ndarray, m: int) -> tuple[np.ndarray, np.nd
         x = x.astype(np.uint8)
     if s.dtype != np.uint8:
         s = s.astype(np.uint8)
-    if (x > 1).any() or (s > 1).any():
+    if x.max() > 1 or s.max() > 1:
         raise AmplificationError("key and seed must hold bits (0 or 1)")
     return x, s, n
 
 
-def _square_words(m_words: int) -> int:
-    """Square block size N = U * 2**k >= m_words with BASE_WORDS/2 < U <= BASE_WORDS (little padding)."""
+def _square_words(m_words: int, base: int) -> int:
+    """Square block size N = U * 2**k >= m_words with base/2 < U <= base (little padding)."""
     k = 0
-    while -(-m_words // (1 << k)) > BASE_WORDS:
+    while -(-m_words // (1 << k)) > base:
         k += 1
     return -(-m_words // (1 << k)) << k
+
+
+def _as_words(w: np.ndarray, nbits: int, what: str) -> np.ndarray:
+    a = np.asarray(w)
+    if a.ndim != 1 or a.dtype.kind not in "ui" or a.dtype.itemsize != 8:
+        raise AmplificationError(f"{what} must be a 1-D array of 64-bit words")
+    if a.size < (nbits + 63) // 64:
+        raise AmplificationError(f"{what} has {a.size} words; {nbits} bits need {(nbits + 63) // 64}")
+    return np.ascontiguousarray(a).view(np.uint64)
+
+
+def toeplitz_hash_words(key_words: np.ndarray, n: int, seed_words: np.ndarray, m: int,
+                        kernel: str | None = None) -> np.ndarray:
+    """The hash on packed words (layout of :func:`pack_bits`: bit i is bit i % 64 of word i // 64).
+
+    ``key_words`` holds the n key bits, ``seed_words`` the n + m - 1 seed bits (bits past them are ignored);
+    returns ceil(m / 64) words, bits past m zero. Same result as ``toeplitz_hash`` without the bit-array
+    conversions. ``kernel`` overrides the module's :data:`KERNEL` (one of :func:`available_kernels`)."""
+    n, m = int(n), int(m)
+    if n <= 0 or m <= 0:
+        raise AmplificationError("need n > 0 input bits and m > 0 output bits")
+    if m > n:
+        raise AmplificationError(f"output length m={m} exceeds the input length n={n}")
+    kernel = KERNEL if kernel is None else kernel
+    if kernel not in available_kernels():
+        raise AmplificationError(f"kernel {kernel!r} not available on this CPU (have: {', '.join(available_kernels())})")
+    xw_in = _as_words(key_words, n, "key_words")
+    sw_in = _as_words(seed_words, n + m - 1, "seed_words")
+    base = BASE_WORDS[kernel]
+    # T (m x n) is cut into nb square Toeplitz blocks of N words (B = 64N bits) side by side; rows >= m and
+    # columns >= n are padding (x zero there, outputs dropped). Column block b in the aligned convention of
+    # _tmvp: T[i, bB + j] = s[i - j + n - 1 - bB] = u_b[i - j + B] with u_b[k] = s[k + n - 1 - (b + 1) B].
+    # The seed is placed p0 bits up in a zero buffer, p0 chosen so every u_b starts on a word boundary.
+    N = _square_words((m + 63) // 64, base)
+    B = 64 * N
+    nb = -(-n // B)
+    p0 = max(0, nb * B - (n - 1))
+    p0 += (-(p0 + n - 1)) % 64
+    sp = np.zeros((p0 + n + B + 63) // 64 + PAD_WORDS, np.uint64)  # highest bit read: p0 + n + B - 2
+    _place_bits(sp, sw_in, n + m - 1, p0)
+    xw = np.zeros(nb * N, np.uint64)
+    _place_bits(xw, xw_in, n, 0)
+    out = np.zeros(N, np.uint64)
+    _hash_blocks(_TOKENS[kernel], sp, xw, N, nb, (p0 + n - 1 - B) // 64, out, base)
+    mw = (m + 63) // 64
+    out = out[:mw].copy()
+    if m % 64:
+        out[-1] &= np.uint64((1 << (m % 64)) - 1)
+    return out
 
 
 def toeplitz_hash(key: np.ndarray, seed: np.ndarray, m: int, method: str = "clmul") -> np.ndarray:
@@ -260,24 +449,7 @@ def toeplitz_hash(key: np.ndarray, seed: np.ndarray, m: int, method: str = "clmu
     if method != "clmul":
         raise AmplificationError(f"unknown method {method!r} (clmul, fft, reference)")
     x, s, n = _check(key, seed, m)
-    # T (m x n) is cut into nb square Toeplitz blocks of N words (64N bits) side by side; rows >= m and
-    # columns >= n are padding (x zero there, outputs dropped). Column block b: T[i, bB + j] =
-    # s[i - j + n - 1 - bB] = t_b[i - j + B - 1] with t_b[k] = s[k + n - B - bB] (B = 64N bits); s is padded
-    # with zeros in front (P0 bits, chosen so every t_b starts on a word boundary) and at the end.
-    N = _square_words((m + 63) // 64)
-    B = 64 * N
-    nb = -(-n // B)
-    p0 = max(0, nb * B - n)
-    p0 += (-(n + p0)) % 64
-    total = p0 + n + B  # highest seed index read: p0 + n - B + 2B - 1
-    sp_bits = np.zeros(-(-total // 64) * 64, np.uint8)
-    sp_bits[p0: p0 + s.size] = s
-    sp = pack_bits(sp_bits)
-    xw = pack_bits(x, nb * N)
-    base_off = (p0 + n - B) // 64
-    out = np.zeros(N, np.uint64)
-    _hash_blocks(sp, xw, N, nb, base_off, out)
-    return unpack_bits(out, m)
+    return unpack_bits(toeplitz_hash_words(pack_bits(x), n, pack_bits(s), m), m)
 
 
 def _fft_size(n: int) -> int:
