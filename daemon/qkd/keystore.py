@@ -162,7 +162,8 @@ CREATE TABLE consumed (
 )
 """
 
-_COLS = "key_id, link, key, size_bits, digest, created, block_id, n_sifted, qber_z, qber_x, leak_ec, f, eps_sec, eps_cor"
+_COLS = ("key_id, link, key, size_bits, digest, created, block_id, n_sifted, qber_z, qber_x, leak_ec, f, eps_sec, "
+         "eps_cor")
 
 # SQLite primary result codes
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
@@ -556,13 +557,16 @@ class LinkKeyStores:
         self._lock_fd: int | None = None
         self.alice: KeyStore | None = None  # type: ignore[assignment]
         self.bob: KeyStore | None = None  # type: ignore[assignment]
-        self._unfinished: set[str] = set()  # decided (Alice ready) but Bob's commit failed: finished by recover()
+        self._unfinished: set[str] = set()  # IDs an add could not finish or undo: resolved by the next add/recover
         if not self.directory.exists():
             try:
                 self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.chmod(self.directory, 0o700)  # mkdir's mode is filtered by the umask
             except OSError as exc:
                 raise KeyStoreError(f"key store directory {self.directory}: {exc}") from exc
+        elif self.directory.is_dir() and self.directory.stat().st_mode & 0o077:
+            log.warning("key store directory %s is accessible to group/others (mode %o); 0o700 is expected",
+                        self.directory, self.directory.stat().st_mode & 0o777)
         try:
             self._take_lock(timeout_s)
             self.alice = KeyStore(self.directory / f"{link}.alice.sqlite", "alice", timeout_s=timeout_s)
@@ -650,6 +654,7 @@ class LinkKeyStores:
                 try:
                     self._resolve(kid)
                 except Exception:  # noqa: BLE001 - the original error is the one to report
+                    self._unfinished.add(kid)
                     log.exception("link %s: key %s unresolved after a failed commit; recover() resolves it",
                                   self.link, kid)
                 raise
@@ -669,7 +674,8 @@ class LinkKeyStores:
             try:
                 if store.state_of(kid) == "pending":
                     store.discard(kid)
-            except Exception:  # noqa: BLE001 - best effort; recover() cleans up what remains
+            except Exception:  # noqa: BLE001 - best effort; the next add or recover() cleans up what remains
+                self._unfinished.add(kid)
                 log.exception("link %s: discarding key %s on side %s failed", self.link, kid, store.side)
 
     def _resolve(self, kid: str) -> str:

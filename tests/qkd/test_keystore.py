@@ -346,6 +346,16 @@ def test_link_add_identical_keys_on_both_sides(tmp_path):
             LinkKeyStores(d, bad)
 
 
+def test_open_directory_is_reported(tmp_path, caplog):
+    d = tmp_path / "open"
+    d.mkdir(mode=0o755)
+    os.chmod(d, 0o755)
+    with LinkKeyStores(d, "L"):
+        pass
+    assert "accessible to group/others" in caplog.text
+    assert stat.S_IMODE((d / "L.bob.sqlite").stat().st_mode) == 0o600
+
+
 def _prepare(d: Path, step: int, consume_alice: bool = False) -> str:
     """Leave one key as a crash after ``step`` of the protocol would (0: nothing, 1..4: after that step)."""
     with LinkKeyStores(d, "L") as ls:
@@ -500,6 +510,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(max(120, 3 * int(os.environ.get("QNETD_KEYSTORE_KILLS", "80"))))
 def test_crash_at_random_points_leaves_both_sides_consistent(tmp_path):
     """A process adding keys through LinkKeyStores and consuming some (Alice by number, then Bob by the same
     IDs) is killed with SIGKILL at random points, many times; after every kill the reopened (recovered) stores
@@ -563,5 +574,5 @@ def test_crash_at_random_points_leaves_both_sides_consistent(tmp_path):
           f"{recovered['committed']} and discarded {recovered['discarded']}, {len(ready['alice'])} keys ready "
           f"at the end, {elapsed:.1f} s")
     # the kills hit stores that were really in use, and both recovery branches ran
-    assert len(added) >= kills and len(handed["bob"]) >= kills // 4
+    assert len(added) >= kills // 2 and len(handed["bob"]) >= kills // 8
     assert recovered["committed"] > 0 and recovered["discarded"] > 0
