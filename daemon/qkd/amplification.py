@@ -68,7 +68,7 @@ _WIDTH = {8: 0, 16: 2, 32: 4, 64: 8}  # token bit width -> uint64 words per vect
 _NEEDS = {"vpclmul512": {"vpclmulqdq", "avx512f"}, "vpclmul256": {"vpclmulqdq", "avx"}, "pclmul": {"pclmul"},
           "portable": set()}
 # base-case size (words) below which the Karatsuba split stops, per kernel; measured (docs/qkd-keys.md)
-BASE_WORDS = {"vpclmul512": 32, "vpclmul256": 32, "pclmul": 32, "portable": 8}
+BASE_WORDS = {"vpclmul512": 128, "vpclmul256": 128, "pclmul": 96, "portable": 8}
 
 
 def _cpu_features() -> set[str]:
