@@ -364,39 +364,62 @@ class KeyStore:
 
         Idempotent for an identical pending key (a repeated prepare). :class:`KeyConsumed` if the ID was
         delivered on this side, :class:`KeyStoreError` if it exists otherwise."""
-        kid = _key_id(key_id)
-        key = bytes(key)
-        _check_size(key, size_bits)
-        size_bits = int(size_bits)
+        self.add_pending_many([(key_id, key)], size_bits, link=link, stats=stats, created=created)
+
+    def add_pending_many(self, items: list[tuple[str, bytes]], size_bits: int, *, link: str, stats: BlockStats,
+                         created: float | None = None) -> None:
+        """:meth:`add_pending` for several ``(key_id, key)`` of one block in one transaction: all or none."""
+        rows = []
         st = stats if stats is not None else BlockStats()
-        dig = _digest(kid, self.side, size_bits, key)
-        row = (kid, link, key, size_bits, dig, "pending", time.time() if created is None else float(created),
-               st.block_id, int(st.n_sifted), st.qber_z, st.qber_x, st.leak_ec, st.f, st.eps_sec, st.eps_cor)
+        when = time.time() if created is None else float(created)
+        for key_id, key in items:
+            kid = _key_id(key_id)
+            key = bytes(key)
+            _check_size(key, size_bits)
+            rows.append((kid, link, key, int(size_bits), _digest(kid, self.side, int(size_bits), key), "pending", when,
+                         st.block_id, int(st.n_sifted), st.qber_z, st.qber_x, st.leak_ec, st.f, st.eps_sec,
+                         st.eps_cor))
+        if len({r[0] for r in rows}) != len(rows):
+            raise ValueError("the same key ID twice in one batch")
+        new = []
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM consumed WHERE key_id=?", (kid,)).fetchone():
-                raise KeyConsumed(f"key {kid} was delivered already on side {self.side}; IDs are never reused")
-            old = db.execute("SELECT state, digest, link FROM keys WHERE key_id=?", (kid,)).fetchone()
-            if old is not None:
-                if old[0] == "pending" and hmac.compare_digest(old[1], dig) and old[2] == link:
-                    return
-                raise KeyStoreError(f"key {kid} exists already on side {self.side} ({old[0]})")
-            db.execute("INSERT INTO keys (key_id, link, key, size_bits, digest, state, created, block_id, n_sifted, "
-                       "qber_z, qber_x, leak_ec, f, eps_sec, eps_cor) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
-        log.debug("key %s pending on side %s (%d bits, link %s)", kid, self.side, size_bits, link)
+            for row in rows:
+                kid, dig = row[0], row[4]
+                if db.execute("SELECT 1 FROM consumed WHERE key_id=?", (kid,)).fetchone():
+                    raise KeyConsumed(f"key {kid} was delivered already on side {self.side}; IDs are never reused")
+                old = db.execute("SELECT state, digest, link FROM keys WHERE key_id=?", (kid,)).fetchone()
+                if old is not None:
+                    if old[0] == "pending" and hmac.compare_digest(old[1], dig) and old[2] == link:
+                        continue  # a repeated prepare
+                    raise KeyStoreError(f"key {kid} exists already on side {self.side} ({old[0]})")
+                new.append(row)
+            db.executemany("INSERT INTO keys (key_id, link, key, size_bits, digest, state, created, block_id, "
+                           "n_sifted, qber_z, qber_x, leak_ec, f, eps_sec, eps_cor) "
+                           "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", new)
+        for row in new:
+            log.debug("key %s pending on side %s (%d bits, link %s)", row[0], self.side, row[3], link)
 
     def commit(self, key_id: str) -> None:
         """Phase 2: pending -> ready (deliverable). Idempotent if ready or consumed; KeyNotFound if unknown."""
-        kid = _key_id(key_id)
+        self.commit_many([key_id])
+
+    def commit_many(self, key_ids: list[str]) -> None:
+        """:meth:`commit` for several IDs in one transaction: all or none (KeyNotFound for an unknown ID)."""
+        kids = [_key_id(k) for k in key_ids]
+        done = []
         with self._tx() as db:
-            row = db.execute("SELECT state FROM keys WHERE key_id=?", (kid,)).fetchone()
-            if row is None:
-                if db.execute("SELECT 1 FROM consumed WHERE key_id=?", (kid,)).fetchone():
-                    return
-                raise KeyNotFound(f"no key {kid} on side {self.side} to commit")
-            if row[0] == "ready":
-                return
-            db.execute("UPDATE keys SET state='ready', committed=? WHERE key_id=?", (time.time(), kid))
-        log.info("key %s ready on side %s", kid, self.side)
+            now = time.time()
+            for kid in kids:
+                row = db.execute("SELECT state FROM keys WHERE key_id=?", (kid,)).fetchone()
+                if row is None:
+                    if db.execute("SELECT 1 FROM consumed WHERE key_id=?", (kid,)).fetchone():
+                        continue
+                    raise KeyNotFound(f"no key {kid} on side {self.side} to commit")
+                if row[0] == "pending":
+                    db.execute("UPDATE keys SET state='ready', committed=? WHERE key_id=?", (now, kid))
+                    done.append(kid)
+        for kid in done:
+            log.info("key %s ready on side %s", kid, self.side)
 
     def discard(self, key_id: str) -> None:
         """Delete a pending key (idempotent if absent). A ready or consumed key is never deleted: KeyStoreError."""
@@ -452,16 +475,28 @@ class KeyStore:
     def get_by_id(self, key_id: str) -> StoredKey:
         """Consume the ready key ``key_id``: :class:`KeyConsumed` if it was delivered on this side,
         :class:`KeyNotFound` if unknown or still pending."""
-        kid = _key_id(key_id)
+        return self.get_by_ids([key_id])[0]
+
+    def get_by_ids(self, key_ids: list[str]) -> list[StoredKey]:
+        """Consume the ready keys ``key_ids`` (returned in that order) atomically: all or none -- one delivered
+        ID is :class:`KeyConsumed`, one unknown or pending ID :class:`KeyNotFound`, and nothing is consumed."""
+        kids = [_key_id(k) for k in key_ids]
+        if not kids:
+            raise ValueError("no key IDs")
+        if len(set(kids)) != len(kids):
+            raise ValueError("the same key ID twice in one request")
         with self._tx() as db:
-            rows = db.execute(f"SELECT {_COLS} FROM keys WHERE key_id=? AND state='ready'", (kid,)).fetchall()
-            if not rows:
-                if db.execute("SELECT 1 FROM consumed WHERE key_id=?", (kid,)).fetchone():
-                    raise KeyConsumed(f"key {kid} was delivered already on side {self.side}")
-                raise KeyNotFound(f"no ready key {kid} on side {self.side}")
-            (key,) = self._consume(db, rows)
-        log.info("key %s delivered on side %s", kid, self.side)
-        return key
+            rows = []
+            for kid in kids:
+                row = db.execute(f"SELECT {_COLS} FROM keys WHERE key_id=? AND state='ready'", (kid,)).fetchone()
+                if row is None:
+                    if db.execute("SELECT 1 FROM consumed WHERE key_id=?", (kid,)).fetchone():
+                        raise KeyConsumed(f"key {kid} was delivered already on side {self.side}")
+                    raise KeyNotFound(f"no ready key {kid} on side {self.side}")
+                rows.append(row)
+            keys = self._consume(db, rows)
+        log.info("keys %s delivered on side %s", ", ".join(k.key_id for k in keys), self.side)
+        return keys
 
     # -- reads -----------------------------------------------------------------------------------------------
     def pending_ids(self, link: str | None = None) -> list[str]:
@@ -629,54 +664,71 @@ class LinkKeyStores:
     def add(self, alice: bytes, bob: bytes, size_bits: int, *, stats: BlockStats, key_id: str | None = None) -> str:
         """Store one verified key on both sides with the two-phase commit; returns its ID (a new UUID4 unless
         given). On an error before the decision point nothing is stored on either side."""
-        alice, bob = bytes(alice), bytes(bob)
-        _check_size(alice, size_bits)
-        if len(bob) != len(alice) or not hmac.compare_digest(alice, bob):
-            raise ValueError("Alice's and Bob's keys differ: only verified (identical) keys are stored")
-        kid = str(uuid.uuid4()) if key_id is None else _key_id(key_id)
+        return self.add_many([(key_id, alice, bob)], size_bits, stats=stats)[0]
+
+    def add_many(self, items: list[tuple[str | None, bytes, bytes]], size_bits: int, *,
+                 stats: BlockStats) -> list[str]:
+        """Store the keys ``(key_id or None, alice, bob)`` of one block on both sides with one two-phase commit
+        (each step one transaction for all of them): after a crash at any point all of them are ready on both
+        sides or none is stored. Returns their IDs."""
+        kids, a_items, b_items = [], [], []
+        for key_id, alice, bob in items:
+            alice, bob = bytes(alice), bytes(bob)
+            _check_size(alice, size_bits)
+            if len(bob) != len(alice) or not hmac.compare_digest(alice, bob):
+                raise ValueError("Alice's and Bob's keys differ: only verified (identical) keys are stored")
+            kid = str(uuid.uuid4()) if key_id is None else _key_id(key_id)
+            kids.append(kid)
+            a_items.append((kid, alice))
+            b_items.append((kid, bob))
+        if not kids:
+            return []
         created = time.time()
         with self._lock:
             if self._unfinished:
                 self._finish_unfinished()
             # (1) prepare on Alice's side
-            self.alice.add_pending(kid, alice, size_bits, link=self.link, stats=stats, created=created)
+            self.alice.add_pending_many(a_items, size_bits, link=self.link, stats=stats, created=created)
             # (2) prepare on Bob's side (later: PREPARE message to Bob's daemon)
             try:
-                self.bob.add_pending(kid, bob, size_bits, link=self.link, stats=stats, created=created)
+                self.bob.add_pending_many(b_items, size_bits, link=self.link, stats=stats, created=created)
             except BaseException:
-                self._abort(kid)
+                self._abort(kids)
                 raise
-            # (3) the decision point: from here on the key exists
+            # (3) the decision point: from here on the keys exist
             try:
-                self.alice.commit(kid)
+                self.alice.commit_many(kids)
             except BaseException:
-                # normally the commit did not happen; resolve this ID by the recovery rule whatever its state
-                try:
-                    self._resolve(kid)
-                except Exception:  # noqa: BLE001 - the original error is the one to report
-                    self._unfinished.add(kid)
-                    log.exception("link %s: key %s unresolved after a failed commit; recover() resolves it",
-                                  self.link, kid)
+                # normally the commit did not happen; resolve these IDs by the recovery rule whatever their state
+                for kid in kids:
+                    try:
+                        self._resolve(kid)
+                    except Exception:  # noqa: BLE001 - the original error is the one to report
+                        self._unfinished.add(kid)
+                        log.exception("link %s: key %s unresolved after a failed commit; the next add or "
+                                      "recover() resolves it", self.link, kid)
                 raise
             # (4) Bob commits (later: COMMIT message to Bob's daemon, retried until acknowledged)
             try:
-                self.bob.commit(kid)
+                self.bob.commit_many(kids)
             except KeyStoreError as exc:
-                self._unfinished.add(kid)
-                raise KeyStoreError(f"link {self.link}: key {kid} is committed on Alice's side but Bob's commit "
-                                    f"failed ({exc}); it is finished by the next add or recover()") from exc
-        log.info("link %s: key %s stored on both sides (%d bits)", self.link, kid, int(size_bits))
-        return kid
+                self._unfinished.update(kids)
+                raise KeyStoreError(f"link {self.link}: key(s) {', '.join(kids)} committed on Alice's side but "
+                                    f"Bob's commit failed ({exc}); finished by the next add or recover()") from exc
+        log.info("link %s: key(s) %s stored on both sides (%d bits each)", self.link, ", ".join(kids),
+                 int(size_bits))
+        return kids
 
-    def _abort(self, kid: str) -> None:
-        """Undo a prepare before the decision point: Alice's pending key first (the abort decision), then Bob's."""
+    def _abort(self, kids: list[str]) -> None:
+        """Undo a prepare before the decision point: Alice's pending keys first (the abort decision), then Bob's."""
         for store in (self.alice, self.bob):
-            try:
-                if store.state_of(kid) == "pending":
-                    store.discard(kid)
-            except Exception:  # noqa: BLE001 - best effort; the next add or recover() cleans up what remains
-                self._unfinished.add(kid)
-                log.exception("link %s: discarding key %s on side %s failed", self.link, kid, store.side)
+            for kid in kids:
+                try:
+                    if store.state_of(kid) == "pending":
+                        store.discard(kid)
+                except Exception:  # noqa: BLE001 - best effort; the next add or recover() cleans up what remains
+                    self._unfinished.add(kid)
+                    log.exception("link %s: discarding key %s on side %s failed", self.link, kid, store.side)
 
     def _resolve(self, kid: str) -> str:
         """Apply the recovery rule to one ID: "committed", "discarded" or "" (nothing to do)."""

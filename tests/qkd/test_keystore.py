@@ -346,6 +346,55 @@ def test_link_add_identical_keys_on_both_sides(tmp_path):
             LinkKeyStores(d, bad)
 
 
+def test_batches_add_many_and_get_by_ids(tmp_path, monkeypatch):
+    with LinkKeyStores(tmp_path, "L") as ls:
+        given = new_id()
+        items = [(None, key_bytes(str(i), 32), key_bytes(str(i), 32)) for i in range(5)]
+        items[2] = (given, key_bytes("2", 32), key_bytes("2", 32))
+        ids = ls.add_many(items, 256, stats=ST)
+        assert len(ids) == 5 and ids[2] == given and ls.add_many([], 256, stats=ST) == []
+        assert ls.alice.key_ids() == ls.bob.key_ids() == ids  # block order kept
+        with pytest.raises(ValueError, match="differ"):  # one bad pair: nothing stored
+            ls.add_many([(None, b"\1" * 32, b"\1" * 32), (None, b"\1" * 32, b"\2" * 32)], 256, stats=ST)
+        with pytest.raises(KeyStoreError, match="exists"):  # one existing ID: nothing stored
+            ls.add_many([(new_id(), b"\1" * 32, b"\1" * 32), (ids[0], b"\1" * 32, b"\1" * 32)], 256, stats=ST)
+        with pytest.raises(ValueError, match="twice"):
+            ls.add_many([(given, b"\1" * 32, b"\1" * 32)] * 2, 256, stats=ST)
+        assert ls.alice.key_ids() == ls.bob.key_ids() == ids and ls.check() == []
+        # a block whose commit on Bob's side fails is finished as a whole
+        monkeypatch.setattr(ls.bob, "commit_many", lambda kids: (_ for _ in ()).throw(KeyStoreLocked("simulated")))
+        m1, m2 = new_id(), new_id()
+        with pytest.raises(KeyStoreError, match="committed on Alice's side"):
+            ls.add_many([(k, b"\3" * 32, b"\3" * 32) for k in (m1, m2)], 256, stats=ST)
+        monkeypatch.undo()
+        assert [ls.bob.state_of(k) for k in (m1, m2)] == ["pending", "pending"]
+        assert ls.recover() == {"committed": 2, "discarded": 0}
+        # get_by_ids: in the requested order, all or none
+        got = ls.alice.get_by_ids([ids[3], ids[1]])
+        assert [k.key_id for k in got] == [ids[3], ids[1]] and got[0].key == key_bytes("3", 32)
+        with pytest.raises(KeyConsumed):
+            ls.alice.get_by_ids([ids[0], ids[1]])
+        with pytest.raises(KeyNotFound):
+            ls.alice.get_by_ids([ids[0], new_id()])
+        with pytest.raises(ValueError):
+            ls.alice.get_by_ids([ids[0], ids[0]])
+        with pytest.raises(ValueError):
+            ls.alice.get_by_ids([])
+        assert ls.alice.state_of(ids[0]) == "ready"  # nothing consumed by the failed calls
+        assert [k.key_id for k in ls.bob.get_by_ids(ids)] == ids
+        # commit_many / add_pending_many on one store: all or none
+        kid = new_id()
+        ls.alice.add_pending_many([(kid, b"\4" * 16)], 128, link="L", stats=ST)
+        with pytest.raises(KeyNotFound):
+            ls.alice.commit_many([kid, new_id()])
+        assert ls.alice.state_of(kid) == "pending"
+        with pytest.raises(KeyConsumed):
+            ls.bob.add_pending_many([(new_id(), b"\4" * 16), (ids[0], b"\4" * 16)], 128, link="L", stats=ST)
+        assert ls.bob.pending_ids() == []
+        ls.alice.commit_many([kid, ids[0]])  # ready and consumed IDs: no-ops
+        assert ls.alice.state_of(kid) == "ready"
+
+
 def test_open_directory_is_reported(tmp_path, caplog):
     d = tmp_path / "open"
     d.mkdir(mode=0o755)
@@ -419,19 +468,19 @@ def test_add_failures_before_and_after_the_decision(tmp_path, monkeypatch):
             raise KeyStoreLocked("simulated")
 
         # Bob's prepare fails: Alice's pending key is discarded, nothing is stored
-        monkeypatch.setattr(ls.bob, "add_pending", fail)
+        monkeypatch.setattr(ls.bob, "add_pending_many", fail)
         with pytest.raises(KeyStoreLocked):
             ls.add(b"\1" * 16, b"\1" * 16, 128, stats=ST, key_id=(k1 := new_id()))
         monkeypatch.undo()
         assert ls.alice.state_of(k1) is None and ls.bob.state_of(k1) is None
         # Alice's commit (the decision) fails: both discarded
-        monkeypatch.setattr(ls.alice, "commit", fail)
+        monkeypatch.setattr(ls.alice, "commit_many", fail)
         with pytest.raises(KeyStoreLocked):
             ls.add(b"\1" * 16, b"\1" * 16, 128, stats=ST, key_id=(k2 := new_id()))
         monkeypatch.undo()
         assert ls.alice.state_of(k2) is None and ls.bob.state_of(k2) is None
         # Bob's commit fails after the decision: reported, and finished by the next add
-        monkeypatch.setattr(ls.bob, "commit", fail)
+        monkeypatch.setattr(ls.bob, "commit_many", fail)
         with pytest.raises(KeyStoreError, match="committed on Alice's side"):
             ls.add(b"\1" * 16, b"\1" * 16, 128, stats=ST, key_id=(k3 := new_id()))
         monkeypatch.undo()
@@ -439,7 +488,7 @@ def test_add_failures_before_and_after_the_decision(tmp_path, monkeypatch):
         k4 = ls.add(b"\2" * 16, b"\2" * 16, 128, stats=ST)
         assert ls.bob.state_of(k3) == ls.bob.state_of(k4) == "ready"
         # ... or by recover()
-        monkeypatch.setattr(ls.bob, "commit", fail)
+        monkeypatch.setattr(ls.bob, "commit_many", fail)
         with pytest.raises(KeyStoreError):
             ls.add(b"\1" * 16, b"\1" * 16, 128, stats=ST, key_id=(k5 := new_id()))
         monkeypatch.undo()
@@ -490,11 +539,17 @@ WORKER = textwrap.dedent("""
     ls = ks_mod.LinkKeyStores(sys.argv[2], "L")
     print("O", ls.recovered["committed"], ls.recovered["discarded"], flush=True)
     while True:
-        if rnd.random() < 0.6:
+        r = rnd.random()
+        if r < 0.4:
             kid = str(uuid.uuid4()); nb = rnd.choice([16, 128, 4096])
             b = key_bytes(kid, nb)
             ls.add(b, b, nb * 8, key_id=kid, stats=ks_mod.BlockStats(block_id=kid[:8], qber_z=0.02))
             print("A", kid, flush=True)
+        elif r < 0.6:  # one block of several keys
+            kids = [str(uuid.uuid4()) for _ in range(rnd.randint(2, 6))]; nb = rnd.choice([16, 128])
+            ls.add_many([(k, key_bytes(k, nb), key_bytes(k, nb)) for k in kids], nb * 8,
+                        stats=ks_mod.BlockStats(block_id=kids[0][:8]))
+            print("A", *kids, flush=True)
         else:
             try:
                 keys = ls.alice.get(rnd.choice([1, 1, 2, 3]))
@@ -503,17 +558,20 @@ WORKER = textwrap.dedent("""
             for k in keys:
                 assert k.key == key_bytes(k.key_id, len(k.key))
                 print("GA", k.key_id, flush=True)
-            for k in keys:
-                kb = ls.bob.get_by_id(k.key_id)
-                assert kb.key == k.key and kb.created == k.created and kb.stats == k.stats
+            if rnd.random() < 0.5:
+                got_b = [ls.bob.get_by_id(k.key_id) for k in keys]
+            else:
+                got_b = ls.bob.get_by_ids([k.key_id for k in keys])
+            for k, kb in zip(keys, got_b):
+                assert (kb.key_id, kb.key, kb.created, kb.stats) == (k.key_id, k.key, k.created, k.stats)
                 print("GB", k.key_id, flush=True)
 """)
 
 
 @pytest.mark.timeout(max(120, 3 * int(os.environ.get("QNETD_KEYSTORE_KILLS", "80"))))
 def test_crash_at_random_points_leaves_both_sides_consistent(tmp_path):
-    """A process adding keys through LinkKeyStores and consuming some (Alice by number, then Bob by the same
-    IDs) is killed with SIGKILL at random points, many times; after every kill the reopened (recovered) stores
+    """A process adding keys through LinkKeyStores (single keys and blocks of 2-6) and consuming some (Alice by
+    number, then Bob by the same IDs) is killed with SIGKILL at random points, many times; after every kill the reopened (recovered) stores
     pass their integrity and digest checks, hold the same keys on both sides (except keys consumed on one side
     only) with identical bytes, keep every acknowledged add, and never hand a key out twice on a side."""
     kills = int(os.environ.get("QNETD_KEYSTORE_KILLS", "80"))
@@ -545,7 +603,7 @@ def test_crash_at_random_points_leaves_both_sides_consistent(tmp_path):
         for line in (seen + out).split("\n")[:-1]:  # complete lines only: the kill may cut the last one
             tag, *rest = line.split()
             if tag == "A":
-                added.add(rest[0])
+                added.update(rest)
             elif tag == "GA":
                 handed["alice"].append(rest[0])
             elif tag == "GB":
