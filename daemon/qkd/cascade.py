@@ -63,6 +63,8 @@ class CascadeParams:
     second: float = 8.0       # second block ~ second * first ... (factor, rounded to a power of two)
     final_checks: int = 20    # clean random-half checks required before "done"
     check_batch: int = 8      # extra checks asked per round when more are needed
+    open_at: int = 0          # open the next pass once at most this many searches are still running
+    checks_at_once: int = 1   # checks opened together once the main passes are settled
 
 
 def schedule(n: int, qber: float, params: CascadeParams = CascadeParams()) -> list[int]:
@@ -95,6 +97,78 @@ def pass_params(seed: int, p: int, n: int) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------------------------------- kernels
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mix(z):
+    """splitmix64 finaliser (a bijection of uint64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _mask_word(mk, w, n):
+    """Word ``w`` of the public random subset with key ``mk`` (bits at or beyond ``n`` cleared)."""
+    m = _mix(mk + np.uint64(w + 1) * np.uint64(0x9E3779B97F4A7C15))
+    rem = n - (w << 6)
+    if rem < 64:
+        m &= (np.uint64(1) << np.uint64(rem)) - np.uint64(1)
+    return m
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _span_mask(w, lo, hi):
+    """Bits of word ``w`` whose index lies in [lo, hi)."""
+    base = w << 6
+    m = ~np.uint64(0)
+    if lo > base:
+        m &= ~np.uint64(0) << np.uint64(lo - base)
+    if hi < base + 64:
+        m &= (np.uint64(1) << np.uint64(hi - base)) - np.uint64(1)
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _fold(acc):
+    acc ^= acc >> np.uint64(32)
+    acc ^= acc >> np.uint64(16)
+    acc ^= acc >> np.uint64(8)
+    acc ^= acc >> np.uint64(4)
+    acc ^= acc >> np.uint64(2)
+    acc ^= acc >> np.uint64(1)
+    return np.uint8(acc & np.uint64(1))
+
+
+@njit(cache=True, nogil=True)
+def _subset_parity(words, n, mk, lo, hi):
+    """Parity of the key bits with index in [lo, hi) that belong to the subset ``mk``: one AND per word."""
+    hi = min(hi, n)
+    if lo >= hi:
+        return np.uint8(0)
+    acc = np.uint64(0)
+    for w in range(lo >> 6, ((hi - 1) >> 6) + 1):
+        acc ^= words[w] & _mask_word(mk, w, n) & _span_mask(w, lo, hi)
+    return _fold(acc)
+
+
+@njit(cache=True, nogil=True)
+def _subset_empty(n, mk, lo, hi):
+    hi = min(hi, n)
+    if lo >= hi:
+        return True
+    for w in range(lo >> 6, ((hi - 1) >> 6) + 1):
+        if _mask_word(mk, w, n) & _span_mask(w, lo, hi):
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _member(mk, b, n):
+    return (_mask_word(mk, b >> 6, n) >> np.uint64(b & 63)) & np.uint64(1)
+
+
 @njit(cache=True, nogil=True)
 def _range_parity(bits, n, a, c, lo, hi):
     idx = (a * lo + c) % n
@@ -108,22 +182,20 @@ def _range_parity(bits, n, a, c, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def _top_parities(bits, n, a, c, L):
-    """Parity of every top-level block of the pass (a, c, L): one streaming sweep over the key."""
-    k = np.int64(1) << L
-    nb = (n + k - 1) >> L
-    out = np.zeros(nb, np.uint8)
-    idx = c
-    for b in range(nb):
-        s = np.uint8(0)
-        hi = min(n, (b + 1) * k)
-        for _ in range(b * k, hi):
-            s ^= bits[idx]
-            idx += a
-            if idx >= n:
-                idx -= n
-        out[b] = s
-    return out
+def _node_parity(bits, words, n, pa, pc, pk, pmk, p, lo, hi):
+    """Parity of positions [lo, hi) of pass p (affine order, or the identity order restricted to a subset)."""
+    if pk[p]:
+        return _subset_parity(words, n, pmk[p], lo, hi)
+    return _range_parity(bits, n, pa[p], pc[p], lo, min(hi, n))
+
+
+@njit(cache=True, nogil=True)
+def _node_empty(n, pk, pmk, p, lo, hi):
+    if lo >= n:
+        return True
+    if pk[p]:
+        return _subset_empty(n, pmk[p], lo, hi)
+    return False
 
 
 @njit(cache=True, nogil=True)
@@ -136,77 +208,33 @@ def _sweep_big(bits, n, pos, step, L, out):
 
 
 @njit(cache=True, nogil=True)
-def _sweep_half(bits, n, pos, step, K):
-    """Parity of the bits whose position is below K; four independent position chains (no loop-carried
-    latency on one chain)."""
-    q = n >> 2
-    p0 = pos
-    p1 = (pos + step * q) % n
-    p2 = (pos + step * 2 * q) % n
-    p3 = (pos + step * 3 * q) % n
-    a0 = np.uint8(0)
-    a1 = np.uint8(0)
-    a2 = np.uint8(0)
-    a3 = np.uint8(0)
-    for b in range(q):
-        a0 ^= bits[b] & np.uint8(p0 < K)
-        a1 ^= bits[b + q] & np.uint8(p1 < K)
-        a2 ^= bits[b + 2 * q] & np.uint8(p2 < K)
-        a3 ^= bits[b + 3 * q] & np.uint8(p3 < K)
-        p0 += step
-        p1 += step
-        p2 += step
-        p3 += step
-        p0 -= n * (p0 >= n)
-        p1 -= n * (p1 >= n)
-        p2 -= n * (p2 >= n)
-        p3 -= n * (p3 >= n)
-    acc = a0 ^ a1 ^ a2 ^ a3
-    for b in range(4 * q, n):
-        acc ^= bits[b] & np.uint8(p3 < K)
-        p3 += step
-        p3 -= n * (p3 >= n)
-    return acc
-
-
-@njit(cache=True, nogil=True)
-def _all_top_parities(bits, n, pinv, pc, pL, ptoff, p0, p1, out):
-    """Top-level parities of passes p0..p1-1 into ``out`` (flat, at ``ptoff``), each by one sequential sweep over
-    the key: the position of bit b in pass p advances by a_p^-1 (mod n) from bit to bit. Two-block passes
-    (checks) take a branch-free path and infer block 1 from the total parity."""
-    tot = np.uint8(0)
-    for b in range(n):
-        tot ^= bits[b]
+def _all_top_parities(bits, words, n, pinv, pc, pL, pk, pmk, ptoff, pnb, p0, p1, out):
+    """Top-level parities of passes p0..p1-1 into ``out`` (flat, at ``ptoff``). An affine pass takes one
+    sequential sweep over the key (the position of bit b advances by a^-1 mod n from bit to bit); a subset pass
+    (check) one AND per 64-bit word."""
     for p in range(p0, p1):
-        pos = (pinv[p] * ((n - pc[p]) % n)) % n  # position of bit 0
-        nb = (n + (np.int64(1) << pL[p]) - 1) >> pL[p]
         o = ptoff[p]
-        out[o:o + nb] = 0
-        if nb == 2:
-            h = _sweep_half(bits, n, pos, pinv[p], np.int64(1) << pL[p])
-            out[o] = h
-            out[o + 1] = h ^ tot
-        else:
-            _sweep_big(bits, n, pos, pinv[p], pL[p], out[o:o + nb])
+        if pk[p]:
+            out[o] = _subset_parity(words, n, pmk[p], 0, n)
+            continue
+        pos = (pinv[p] * ((n - pc[p]) % n)) % n  # position of bit 0
+        out[o:o + pnb[p]] = 0
+        _sweep_big(bits, n, pos, pinv[p], pL[p], out[o:o + pnb[p]])
 
 
 @njit(cache=True, nogil=True)
-def _answer(bits, n, pa, pc, pL, qp, ql, qi):
-    """Alice's parities of the nodes (qp, ql, qi); raises on a malformed query."""
-    m = qp.size
-    out = np.empty(m, np.uint8)
-    for q in range(m):
-        p = qp[q]
-        lv = ql[q]
-        i = qi[q]
+def _answer(bits, words, n, pa, pc, pL, pk, pmk, qp, ql, qi, out):
+    """Alice's parities of the nodes (qp, ql, qi) into ``out``; raises on a malformed query."""
+    for q in range(qp.size):
+        p = np.int64(qp[q])
+        lv = np.int64(ql[q])
+        i = np.int64(qi[q])
         if p < 0 or p >= pa.size or lv < 0 or lv >= pL[p]:
             raise ValueError("query outside the passes")
         lo = i << lv
-        if lo >= n or i < 0:
+        if i < 0 or lo >= n:
             raise ValueError("query outside the key")
-        hi = min(n, lo + (np.int64(1) << lv))
-        out[q] = _range_parity(bits, n, pa[p], pc[p], lo, hi)
-    return out
+        out[q] = _node_parity(bits, words, n, pa, pc, pk, pmk, p, lo, lo + (np.int64(1) << lv))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -268,19 +296,31 @@ def _alice_known(p, lv, i, pL, ptoff, atop, keys, vals):
     return _ht_get(keys, vals, _key(p, lv, i))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _top_of(b, n, p, pinv, pc, pL, pk, pmk):
+    """Index of the top-level block of pass p that holds bit b, or -1 (bit not in the subset of a check)."""
+    if pk[p]:
+        return np.int64(0) if _member(pmk[p], b, n) else np.int64(-1)
+    pos = (pinv[p] * ((b - pc[p]) % n)) % n
+    return pos >> pL[p]
+
+
 @njit(cache=True, nogil=True)
-def _bob_round(bits, n, pa, pc, pinv, pL, ptoff, pnb, pfailed, st, atop, btop, tsearch, tstamp, keys, vals,
-               hcount, s_p, s_l, s_i, q_s, q_bl, answers, qp, ql, qi, flips):
+def _bob_round(bits, words, n, pa, pc, pinv, pL, pk, pmk, ptoff, pnb, pfailed, st, atop, btop, tsearch, tstamp,
+               keys, vals, hcount, s_p, s_l, s_i, q_s, q_bl, answers, qp, ql, qi, flips):
     """One step of Bob: apply Alice's answers, run every search as far as known parities allow, correct, cascade,
     open passes when the open ones are settled, and emit the next queries.
 
-    ``st`` = [n_searches, n_queries, n_open, n_pass, stamp, corrections]; updated in place. Returns the number of
-    queries written to (qp, ql, qi)."""
+    ``st`` = [n_searches, n_queries, n_open, n_pass, stamp, corrections, open_at, n_main, checks_at_once]; updated
+    in place. Returns the number of queries written to (qp, ql, qi)."""
     ns = st[0]
     nq = st[1]
     n_open = st[2]
     n_pass = st[3]
     stamp = st[4]
+    open_at = st[6]
+    n_main = st[7]
+    at_once = st[8]
     # 1. answers to the previous queries: record left and sibling, move the search down one level
     for q in range(nq):
         s = q_s[q]
@@ -305,26 +345,31 @@ def _bob_round(bits, n, pa, pc, pinv, pL, ptoff, pnb, pfailed, st, atop, btop, t
             i = s_i[s]
             if lv < 0:
                 continue
-            a = pa[p]
-            c = pc[p]
             while True:
                 if lv == 0:
-                    flips[nf] = (a * i + c) % n
+                    flips[nf] = (pa[p] * i + pc[p]) % n
                     nf += 1
                     lv = -1
                     break
                 half = np.int64(1) << (lv - 1)
-                lo_r = (2 * i + 1) * half
-                if lo_r >= n:  # right child empty: the left child is the node itself
+                lo_l = 2 * i * half
+                lo_r = lo_l + half
+                if _node_empty(n, pk, pmk, p, lo_r, lo_r + half):  # right child empty: left = the node itself
                     par = _alice_known(p, lv, i, pL, ptoff, atop, keys, vals)
                     _ht_put(keys, vals, hcount, _key(p, lv - 1, 2 * i), par)
                     lv -= 1
                     i = 2 * i
                     continue
+                if pk[p] and _node_empty(n, pk, pmk, p, lo_l, lo_r):  # left child empty: right = the node
+                    par = _alice_known(p, lv, i, pL, ptoff, atop, keys, vals)
+                    _ht_put(keys, vals, hcount, _key(p, lv - 1, 2 * i + 1), par)
+                    lv -= 1
+                    i = 2 * i + 1
+                    continue
                 kl = _ht_get(keys, vals, _key(p, lv - 1, 2 * i))
                 if kl < 0:
                     break
-                bl = np.int64(_range_parity(bits, n, a, c, lo_r - half, lo_r))
+                bl = np.int64(_node_parity(bits, words, n, pa, pc, pk, pmk, p, lo_l, lo_r))
                 lv -= 1
                 i = 2 * i if bl != kl else 2 * i + 1
             s_l[s] = lv
@@ -339,21 +384,27 @@ def _bob_round(bits, n, pa, pc, pinv, pL, ptoff, pnb, pfailed, st, atop, btop, t
                     s_i[m] = s_i[s]
                     m += 1
             ns = m
-            if ns > 0 or n_open >= n_pass:
+            if ns > open_at or n_open >= n_pass:
                 break
-            # everything open is settled: open the next pass
-            p = n_open
-            n_open += 1
-            o = ptoff[p]
-            for t in range(pnb[p]):
-                if btop[o + t] != atop[o + t]:
-                    s_p[ns] = p
-                    s_l[ns] = pL[p]
-                    s_i[ns] = t
-                    pfailed[p] = 1
-                    ns += 1
+            # the open passes are (nearly) settled: open the next pass (checks: several at once)
+            opened = 0
+            ns0 = ns
+            while n_open < n_pass and (opened == 0 or (n_open >= n_main and opened < at_once)):
+                p = n_open
+                n_open += 1
+                opened += 1
+                o = ptoff[p]
+                for t in range(pnb[p]):
+                    if btop[o + t] != atop[o + t]:
+                        s_p[ns] = p
+                        s_l[ns] = pL[p]
+                        s_i[ns] = t
+                        pfailed[p] = 1
+                        ns += 1
+            if ns == ns0 and ns > 0:
+                break  # nothing new: the live searches go on
             continue
-        # 3. correct (once per bit) and toggle the top-level block of that bit in every open pass
+        # 3. correct (once per bit) and toggle the top-level block of that bit in every pass
         fl = np.sort(flips[:nf])
         stamp += 1
         prev = -1
@@ -363,10 +414,13 @@ def _bob_round(bits, n, pa, pc, pinv, pL, ptoff, pnb, pfailed, st, atop, btop, t
                 continue
             prev = b
             bits[b] ^= 1
+            words[b >> 6] ^= np.uint64(1) << np.uint64(b & 63)
             st[5] += 1
             for p in range(n_pass):
-                pos = (pinv[p] * ((b - pc[p]) % n)) % n
-                t = ptoff[p] + (pos >> pL[p])
+                tb = _top_of(b, n, p, pinv, pc, pL, pk, pmk)
+                if tb < 0:
+                    continue
+                t = ptoff[p] + tb
                 btop[t] ^= 1
                 tstamp[t] = stamp
         # 4. searches whose block was touched: still odd at their node? otherwise drop them
@@ -379,8 +433,7 @@ def _bob_round(bits, n, pa, pc, pinv, pL, ptoff, pnb, pfailed, st, atop, btop, t
             if tstamp[t] != stamp:
                 continue
             lo = s_i[s] << lv
-            hi = min(n, lo + (np.int64(1) << lv))
-            bp = np.int64(_range_parity(bits, n, pa[p], pc[p], lo, hi))
+            bp = np.int64(_node_parity(bits, words, n, pa, pc, pk, pmk, p, lo, lo + (np.int64(1) << lv)))
             if bp == _alice_known(p, lv, s_i[s], pL, ptoff, atop, keys, vals):
                 s_l[s] = -2
         m = 0
@@ -395,14 +448,15 @@ def _bob_round(bits, n, pa, pc, pinv, pL, ptoff, pnb, pfailed, st, atop, btop, t
         #    marks "holds a live search" for this iteration
         for s in range(ns):
             p = s_p[s]
-            tsearch[ptoff[p] + (s_i[s] >> (pL[p] - s_l[s]))] = stamp + 1  # mark "has a search" for this stamp
+            tsearch[ptoff[p] + (s_i[s] >> (pL[p] - s_l[s]))] = stamp + 1
         for f in range(nf):
             b = fl[f]
             if f > 0 and b == fl[f - 1]:
                 continue
             for p in range(n_open):
-                pos = (pinv[p] * ((b - pc[p]) % n)) % n
-                tb = pos >> pL[p]
+                tb = _top_of(b, n, p, pinv, pc, pL, pk, pmk)
+                if tb < 0:
+                    continue
                 t = ptoff[p] + tb
                 if tsearch[t] != stamp + 1 and btop[t] != atop[t]:
                     tsearch[t] = stamp + 1
@@ -423,7 +477,7 @@ def _bob_round(bits, n, pa, pc, pinv, pL, ptoff, pnb, pfailed, st, atop, btop, t
         ql[s] = lv - 1
         qi[s] = 2 * i
         q_s[s] = s
-        q_bl[s] = _range_parity(bits, n, pa[s_p[s]], pc[s_p[s]], lo, lo + half)
+        q_bl[s] = _node_parity(bits, words, n, pa, pc, pk, pmk, p, lo, lo + half)
     st[0] = ns
     st[1] = ns
     st[2] = n_open
@@ -435,7 +489,7 @@ def _bob_round(bits, n, pa, pc, pinv, pL, ptoff, pnb, pfailed, st, atop, btop, t
 
 
 class _Passes:
-    """The public pass structure both sides derive from the seed."""
+    """The public pass structure both sides derive from the seed: affine main passes, then subset checks."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n = n
@@ -444,20 +498,34 @@ class _Passes:
         self.pc = np.zeros(0, np.int64)
         self.pinv = np.zeros(0, np.int64)
         self.pL = np.zeros(0, np.int64)
+        self.pk = np.zeros(0, np.int64)
+        self.pmk = np.zeros(0, np.uint64)
         self.pnb = np.zeros(0, np.int64)
         self.ptoff = np.zeros(0, np.int64)
         self.n_main = 0
 
-    def add(self, levels: list[int]) -> None:
+    def add(self, levels: list[int], checks: int = 0) -> None:
+        """Append affine passes with top levels ``levels``, then ``checks`` subset checks."""
         p0 = self.pa.size
-        params = [pass_params(self.seed, p0 + j, self.n) for j in range(len(levels))]
-        L = np.asarray(levels, np.int64)
-        nb = (self.n + (np.int64(1) << L) - 1) >> L
+        n = self.n
+        rows = []  # (a, c, ainv, L, kind, mask key, blocks)
+        for j, lv in enumerate(levels):
+            a, c, ainv = pass_params(self.seed, p0 + j, n)
+            rows.append((a, c, ainv, int(lv), 0, 0, (n + (1 << int(lv)) - 1) >> int(lv)))
+        top = max(1, math.ceil(math.log2(n)))
+        for j in range(len(levels), len(levels) + checks):
+            rows.append((1, 0, 1, top, 1, subset_key(self.seed, p0 + j), 1))
+        if not rows:
+            return
+        col = list(zip(*rows))
+        nb = np.array(col[6], np.int64)
         start = int(self.ptoff[-1] + self.pnb[-1]) if p0 else 0
-        self.pa = np.concatenate([self.pa, np.array([x[0] for x in params], np.int64)])
-        self.pc = np.concatenate([self.pc, np.array([x[1] for x in params], np.int64)])
-        self.pinv = np.concatenate([self.pinv, np.array([x[2] for x in params], np.int64)])
-        self.pL = np.concatenate([self.pL, L])
+        self.pa = np.concatenate([self.pa, np.array(col[0], np.int64)])
+        self.pc = np.concatenate([self.pc, np.array(col[1], np.int64)])
+        self.pinv = np.concatenate([self.pinv, np.array(col[2], np.int64)])
+        self.pL = np.concatenate([self.pL, np.array(col[3], np.int64)])
+        self.pk = np.concatenate([self.pk, np.array(col[4], np.int64)])
+        self.pmk = np.concatenate([self.pmk, np.array(col[5], np.uint64)])
         self.ptoff = np.concatenate([self.ptoff, start + np.concatenate([[0], np.cumsum(nb)[:-1]]).astype(np.int64)])
         self.pnb = np.concatenate([self.pnb, nb])
 
@@ -469,20 +537,35 @@ class _Passes:
     def n_top(self) -> int:
         return int(self.ptoff[-1] + self.pnb[-1]) if self.count else 0
 
-    def tops(self, bits: np.ndarray, p0: int) -> list[np.ndarray]:
-        """Top-level parities of passes p0.. of ``bits`` (one array per pass)."""
+    def tops(self, bits: np.ndarray, words: np.ndarray, p0: int) -> np.ndarray:
+        """Top-level parities of passes p0.. of the key (``bits`` and its packed ``words``), concatenated."""
         out = np.zeros(self.n_top, np.uint8)
-        _all_top_parities(bits, self.n, self.pinv, self.pc, self.pL, self.ptoff, p0, self.count, out)
-        return [out[self.ptoff[p]:self.ptoff[p] + self.pnb[p]] for p in range(p0, self.count)]
+        _all_top_parities(bits, words, self.n, self.pinv, self.pc, self.pL, self.pk, self.pmk, self.ptoff, self.pnb,
+                          p0, self.count, out)
+        return out[self.ptoff[p0]:] if p0 < self.count else out[:0]
 
-    def check_level(self) -> int:
-        return max(0, math.ceil(math.log2(self.n)) - 1)
+    def sent_mask(self, p0: int) -> np.ndarray:
+        """Which top parities of passes p0.. travel: all of pass 0 and of every check; every later affine pass
+        omits its last block (the total parity, known from pass 0, gives it)."""
+        keep = np.ones(self.n_top - (int(self.ptoff[p0]) if p0 < self.count else self.n_top), bool)
+        base = int(self.ptoff[p0]) if p0 < self.count else 0
+        for p in range(max(p0, 1), self.count):
+            if not self.pk[p]:
+                keep[int(self.ptoff[p] + self.pnb[p]) - 1 - base] = False
+        return keep
 
 
-def _sent_tops(tops: list[np.ndarray], first_pass: int) -> np.ndarray:
-    """Top parities as sent: all of pass 0, all but the last block of every later pass."""
-    parts = [t if p == 0 else t[:-1] for p, t in enumerate(tops, start=first_pass)]
-    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+def subset_key(seed: int, p: int) -> int:
+    """Public 64-bit key of the random subset of check pass ``p`` (each bit in with probability 1/2)."""
+    return int(np.random.default_rng([seed, p, 1]).integers(0, 2**63, dtype=np.int64))
+
+
+def _pack(bits: np.ndarray) -> np.ndarray:
+    packed = np.packbits(bits, bitorder="little")
+    pad = (-packed.size) % 8
+    if pad:
+        packed = np.concatenate([packed, np.zeros(pad, np.uint8)])
+    return packed.view("<u8").astype(np.uint64)
 
 
 class CascadeAlice:
@@ -493,6 +576,7 @@ class CascadeAlice:
         n = self._bits.size
         if not 2 <= n <= MAX_N:
             raise ValueError(f"block of {n} bits: must be 2..{MAX_N}")
+        self._words = _pack(self._bits)
         self.n = n
         self.qber = float(qber)
         self.seed = int(seed)
@@ -501,11 +585,16 @@ class CascadeAlice:
         self.done = False
         self.disclosed = 0
 
+    def _tops(self, p0: int) -> np.ndarray:
+        pp = self.passes
+        return pp.tops(self._bits, self._words, p0)[pp.sent_mask(p0)]
+
     def start(self) -> Message:
         levels = schedule(self.n, self.qber, self.params)
         n_checks = self.params.final_checks
-        self.passes.add(levels + [self.passes.check_level()] * n_checks)
-        bits = _sent_tops(self.passes.tops(self._bits, 0), 0)
+        self.passes.add(levels, n_checks)
+        self.passes.n_main = len(levels)
+        bits = self._tops(0)
         self.disclosed += bits.size
         return Message("cascade.start", {"n": self.n, "seed": self.seed, "qber": self.qber, "levels": levels,
                                          "checks": n_checks}, disclosed=bits)
@@ -513,8 +602,15 @@ class CascadeAlice:
     def on_message(self, msg: Message) -> Message | None:
         if msg.kind == "cascade.query":
             pp = self.passes
-            ans = _answer(self._bits, self.n, pp.pa, pp.pc, pp.pL, msg.arrays["p"].astype(np.int64),
-                          msg.arrays["l"].astype(np.int64), msg.arrays["i"].astype(np.int64))
+            try:
+                qp, ql, qi = msg.arrays["p"], msg.arrays["l"], msg.arrays["i"]
+            except KeyError as e:
+                raise ValueError(f"cascade.query without array {e}") from None
+            if not qp.ndim == ql.ndim == qi.ndim == 1 or not qp.size == ql.size == qi.size:
+                raise ValueError("cascade.query: arrays of different shapes")
+            ans = np.empty(qp.size, np.uint8)
+            _answer(self._bits, self._words, self.n, pp.pa, pp.pc, pp.pL, pp.pk, pp.pmk, qp.astype(np.int64),
+                    ql.astype(np.int64), qi.astype(np.int64), ans)
             self.disclosed += ans.size
             return Message("cascade.parities", disclosed=ans)
         if msg.kind == "cascade.more":
@@ -522,8 +618,8 @@ class CascadeAlice:
             if not 0 < count <= 64 or self.passes.count + count > 4096:
                 raise ValueError(f"cascade.more: bad count {count}")
             p0 = self.passes.count
-            self.passes.add([self.passes.check_level()] * count)
-            bits = _sent_tops(self.passes.tops(self._bits, p0), p0)
+            self.passes.add([], count)
+            bits = self._tops(p0)
             self.disclosed += bits.size
             return Message("cascade.checks", {"count": count}, disclosed=bits)
         if msg.kind == "cascade.done":
@@ -554,31 +650,31 @@ class CascadeBob:
     # -- state helpers
     def _grow_tops(self, tops_sent: np.ndarray, p0: int) -> None:
         pp = self.passes
-        new = np.zeros(pp.n_top - self._atop.size, np.int8)
+        grow = pp.n_top - self._atop.size
+        keep = pp.sent_mask(p0)
+        if tops_sent.size != int(np.count_nonzero(keep)):
+            raise ValueError(f"expected {int(np.count_nonzero(keep))} parities, got {tops_sent.size}")
+        new = np.zeros(grow, np.int8)
+        new[keep] = tops_sent
+        if p0 == 0:
+            self._total = int(np.bitwise_xor.reduce(new[:int(pp.pnb[0])]))
+        base = int(pp.ptoff[p0]) if p0 < pp.count else 0
+        for p in range(max(p0, 1), pp.count):  # inferred last blocks
+            if not pp.pk[p]:
+                o, nb = int(pp.ptoff[p]) - base, int(pp.pnb[p])
+                new[o + nb - 1] = self._total ^ int(np.bitwise_xor.reduce(new[o:o + nb - 1]))
         self._atop = np.concatenate([self._atop, new])
-        self._btop = np.concatenate([self._btop, new.copy()])
-        self._tsearch = np.concatenate([self._tsearch, np.zeros(new.size, np.int64)])
-        self._tstamp = np.concatenate([self._tstamp, np.zeros(new.size, np.int64)])
+        self._btop = np.concatenate([self._btop, pp.tops(self._bits, self._words, p0).astype(np.int8)])
+        self._tsearch = np.concatenate([self._tsearch, np.zeros(grow, np.int64)])
+        self._tstamp = np.concatenate([self._tstamp, np.zeros(grow, np.int64)])
         self._pfailed = np.concatenate([self._pfailed, np.zeros(pp.count - self._pfailed.size, np.int64)])
-        off = 0
-        for p in range(p0, pp.count):
-            o, nb = int(pp.ptoff[p]), int(pp.pnb[p])
-            if p == 0:
-                self._atop[o:o + nb] = tops_sent[off:off + nb]
-                off += nb
-                self._total = int(np.bitwise_xor.reduce(self._atop[o:o + nb]))
-            else:
-                self._atop[o:o + nb - 1] = tops_sent[off:off + nb - 1]
-                off += nb - 1
-                self._atop[o + nb - 1] = self._total ^ int(np.bitwise_xor.reduce(self._atop[o:o + nb - 1]))
-        if off != tops_sent.size:
-            raise ValueError(f"expected {off} parities, got {tops_sent.size}")
-        for p, bt in enumerate(pp.tops(self._bits, p0), start=p0):
-            self._btop[pp.ptoff[p]:pp.ptoff[p] + pp.pnb[p]] = bt
-        cap = self._s_p.size
-        if cap < pp.n_top:
+        if self._s_p.size < pp.n_top:
+            cap = pp.n_top + 64
             for name in ("_s_p", "_s_l", "_s_i", "_q_s", "_q_bl", "_qp", "_ql", "_qi", "_flips"):
-                setattr(self, name, np.zeros(pp.n_top, np.int64))
+                old = getattr(self, name)
+                arr = np.zeros(cap, np.int64)
+                arr[:old.size] = old
+                setattr(self, name, arr)
 
     def _ensure_table(self, extra: int) -> None:
         need = 2 * (int(self._hcount[0]) + extra) + 64
@@ -587,32 +683,52 @@ class CascadeBob:
             self._keys, self._vals = _ht_rehash(self._keys, self._vals, cap)
 
     def on_message(self, msg: Message) -> Message | None:
+        if self.done:
+            raise ValueError(f"CascadeBob: message {msg.kind!r} after done")
         if msg.kind == "cascade.start":
+            if self.passes is not None:
+                raise ValueError("CascadeBob: second cascade.start")
             m = msg.meta
             if int(m["n"]) != self.n:
                 raise ValueError(f"Alice's block has {m['n']} bits, Bob's {self.n}")
+            levels = [int(x) for x in m["levels"]]
+            top = max(1, math.ceil(math.log2(self.n)))
+            checks = int(m["checks"])
+            if any(not 1 <= lv <= top for lv in levels) or not 0 <= checks <= 4096 or len(levels) > 64:
+                raise ValueError(f"cascade.start: bad schedule {levels}, {checks} checks")
+            self._words = _pack(self._bits)
             self.passes = _Passes(self.n, int(m["seed"]))
-            self.passes.n_main = len(m["levels"])
-            self.passes.add(list(m["levels"]) + [self.passes.check_level()] * int(m["checks"]))
+            self.passes.n_main = len(levels)
+            self.passes.add(levels, checks)
             self._atop = np.zeros(0, np.int8)
             self._btop = np.zeros(0, np.int8)
             self._tsearch = np.zeros(0, np.int64)
             self._tstamp = np.zeros(0, np.int64)
             self._pfailed = np.zeros(0, np.int64)
-            self._s_p = np.zeros(0, np.int64)
-            self._keys = np.full(1 << 12, -1, np.int64)
-            self._vals = np.zeros(1 << 12, np.int8)
+            for name in ("_s_p", "_s_l", "_s_i", "_q_s", "_q_bl", "_qp", "_ql", "_qi", "_flips"):
+                setattr(self, name, np.zeros(0, np.int64))
+            q = min(max(float(m.get("qber", 0.05)), 1e-3), 0.25)
+            cap = 1 << max(12, min(26, math.ceil(math.log2(6 * self.n * binary_entropy(q) + 1))))
+            self._keys = np.full(cap, -1, np.int64)
+            self._vals = np.zeros(cap, np.int8)
             self._hcount = np.zeros(1, np.int64)
-            self._st = np.zeros(6, np.int64)
+            self._st = np.zeros(9, np.int64)
+            self._st[6] = self.params.open_at
+            self._st[7] = len(levels)
+            self._st[8] = max(1, self.params.checks_at_once)
             self._grow_tops(msg.disclosed if msg.disclosed is not None else np.zeros(0, np.uint8), 0)
             self._st[3] = self.passes.count
             return self._step(np.zeros(0, np.uint8))
+        if self.passes is None:
+            raise ValueError(f"CascadeBob: {msg.kind!r} before cascade.start")
         if msg.kind == "cascade.parities":
             return self._step(msg.disclosed if msg.disclosed is not None else np.zeros(0, np.uint8))
         if msg.kind == "cascade.checks":
+            if self._st[1] or int(msg.meta["count"]) != self._asked:
+                raise ValueError("CascadeBob: unexpected cascade.checks")
             p0 = self.passes.count
-            self.passes.add([self.passes.check_level()] * int(msg.meta["count"]))
-            self._grow_tops(msg.disclosed, p0)
+            self.passes.add([], int(msg.meta["count"]))
+            self._grow_tops(msg.disclosed if msg.disclosed is not None else np.zeros(0, np.uint8), p0)
             self._st[3] = self.passes.count
             return self._step(np.zeros(0, np.uint8))
         raise ValueError(f"CascadeBob: unexpected message {msg.kind!r}")
@@ -623,10 +739,10 @@ class CascadeBob:
         self._ensure_table(2 * answers.size + 64 * self.passes.count)
         pp = self.passes
         self.rounds += 1
-        nq = _bob_round(self._bits, self.n, pp.pa, pp.pc, pp.pinv, pp.pL, pp.ptoff, pp.pnb, self._pfailed, self._st,
-                        self._atop, self._btop, self._tsearch, self._tstamp, self._keys, self._vals, self._hcount,
-                        self._s_p, self._s_l, self._s_i, self._q_s, self._q_bl, answers.astype(np.int64),
-                        self._qp, self._ql, self._qi, self._flips)
+        nq = _bob_round(self._bits, self._words, self.n, pp.pa, pp.pc, pp.pinv, pp.pL, pp.pk, pp.pmk, pp.ptoff,
+                        pp.pnb, self._pfailed, self._st, self._atop, self._btop, self._tsearch, self._tstamp,
+                        self._keys, self._vals, self._hcount, self._s_p, self._s_l, self._s_i, self._q_s, self._q_bl,
+                        answers, self._qp, self._ql, self._qi, self._flips)
         self.corrections = int(self._st[5])
         if nq:
             return Message("cascade.query", arrays={"p": self._qp[:nq].astype(np.uint16),
@@ -635,6 +751,7 @@ class CascadeBob:
         clean = int(np.count_nonzero(self._pfailed[pp.n_main:] == 0))
         if clean < self.params.final_checks:
             count = min(64, max(self.params.check_batch, self.params.final_checks - clean))
+            self._asked = count
             return Message("cascade.more", {"count": count})
         self.done = True
         return Message("cascade.done", {"corrections": self.corrections})

@@ -20,6 +20,7 @@ never from a formula.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,23 +47,46 @@ class Message:
         return 0 if self.disclosed is None else int(self.disclosed.size)
 
 
+_WIRE_DTYPES = {np.dtype(name): (name, np.dtype(name).newbyteorder("<")) for name in _ALLOWED_DTYPES}
+_BY_NAME = {name: (np.dtype(name), np.dtype(name).newbyteorder("<")) for name in _ALLOWED_DTYPES}
+_LITTLE = np.little_endian
+_UNPACK = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")  # byte -> 8 bits
+_BITS01 = bytes(range(2))  # the only byte values a disclosed-bit array may hold
+
+
+_JSTR: dict[str, str] = {}
+
+
+def _jstr(s: str) -> str:
+    """JSON literal of a string (cached: kinds and array names repeat)."""
+    out = _JSTR.get(s)
+    if out is None:
+        out = json.dumps(str(s))
+        if len(_JSTR) < 1024:
+            _JSTR[s] = out
+    return out
+
+
 def encode(msg: Message) -> bytes:
     specs = []
     chunks = []
     for name, arr in msg.arrays.items():
         a = np.ascontiguousarray(arr)
-        if a.dtype.name not in _ALLOWED_DTYPES:
+        wire = _WIRE_DTYPES.get(a.dtype)
+        if wire is None:
             raise TypeError(f"array {name!r}: dtype {a.dtype} not allowed on the wire")
-        specs.append([name, a.dtype.name, list(a.shape)])
-        chunks.append(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+        specs.append(f'[{_jstr(name)},"{wire[0]}",[{",".join(str(int(x)) for x in a.shape)}]]')
+        chunks.append(a.tobytes() if _LITTLE or a.dtype.itemsize == 1 else a.astype(wire[1]).tobytes())
     bits = b""
+    nbits = 0
     if msg.disclosed is not None:
         d = np.asarray(msg.disclosed, dtype=np.uint8).ravel()
-        if d.size and d.max() > 1:
+        nbits = int(d.size)
+        if nbits and d.tobytes().translate(None, _BITS01):
             raise ValueError("disclosed bits must be 0/1")
         bits = np.packbits(d, bitorder="little").tobytes()
-    header = json.dumps({"kind": msg.kind, "meta": msg.meta, "arrays": specs, "nbits": msg.nbits},
-                        separators=(",", ":")).encode()
+    meta = json.dumps(msg.meta, separators=(",", ":")) if msg.meta else "{}"
+    header = f'{{"kind":{_jstr(msg.kind)},"meta":{meta},"arrays":[{",".join(specs)}],"nbits":{nbits}}}'.encode()
     return b"".join([struct.pack("<I", len(header)), header, *chunks, bits])
 
 
@@ -72,9 +96,14 @@ def decode(data: bytes) -> Message:
     off = 4 + hlen
     arrays = {}
     for name, dtype, shape in header["arrays"]:
-        dt = np.dtype(dtype).newbyteorder("<")
-        count = int(np.prod(shape)) if shape else 1
-        arrays[name] = np.frombuffer(data, dtype=dt, count=count, offset=off).astype(dtype).reshape(shape)
+        if dtype not in _BY_NAME:
+            raise ValueError(f"array {name!r}: dtype {dtype!r} not allowed on the wire")
+        native, dt = _BY_NAME[dtype]
+        count = math.prod(shape) if shape else 1
+        if count < 0 or off + count * dt.itemsize > len(data):
+            raise ValueError(f"message {header['kind']!r}: array {name!r} runs past the end")
+        a = np.frombuffer(data, dtype=dt, count=count, offset=off)
+        arrays[name] = (a.copy() if _LITTLE else a.astype(native)).reshape(shape)
         off += count * dt.itemsize
     nbits = header["nbits"]
     disclosed = None
@@ -83,7 +112,7 @@ def decode(data: bytes) -> Message:
         raise ValueError(f"message {header['kind']!r}: {len(data) - off} payload bytes left, expected {nbytes}")
     if nbits:
         packed = np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=off)
-        disclosed = np.unpackbits(packed, count=nbits, bitorder="little")
+        disclosed = _UNPACK[packed].reshape(-1)[:nbits].copy()
     return Message(header["kind"], header["meta"], arrays, disclosed)
 
 
