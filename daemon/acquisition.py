@@ -58,6 +58,9 @@ class Acquisition:
         # called in the event loop with (topic, fields, t_begin_ps, t_end_ps) of every analysis message
         # (daemon/control reads qkd.<link> here); an exception in one is logged, never stops acquisition
         self.listeners: list[Callable[[str, dict[str, Any], int, int], None]] = []
+        # fed every batch in the analysis thread, after the pipeline: objects with reset() (a new stream) and
+        # feed(batch) -> messages to publish (daemon/qkd: the key pipeline's sifting)
+        self.consumers: list[Any] = []
 
     def start(self) -> asyncio.Task[None]:
         self._task = asyncio.create_task(self._run(), name="acquisition")
@@ -107,6 +110,8 @@ class Acquisition:
         read_call_timeout = self.read_timeout_s + self.sup.cfg.supervisor.call_timeout_s
         if self.pipeline is not None:
             await self._analysis.call(self.pipeline.reset, 60.0)  # a new stream: tagger time is not contiguous
+        for consumer in self.consumers:
+            await self._analysis.call(consumer.reset, 60.0)
         pending: asyncio.Future[Any] | None = None
         try:
             while True:
@@ -122,7 +127,7 @@ class Acquisition:
                 self.last_t_end_ps = batch.t_end
                 for interval in counter.add(batch):
                     self._publish_counts(interval)
-                if self.pipeline is not None or self._recorder is not None:
+                if self.pipeline is not None or self._recorder is not None or self.consumers:
                     if pending is not None:
                         self._publish_analysis(await pending)  # the previous batch, analysed while we read
                     pending = asyncio.ensure_future(self._analysis.call(lambda b=batch: self._analyse(b), 60.0))
@@ -143,7 +148,13 @@ class Acquisition:
                 self._recording["error"] = f"{type(e).__name__}: {e}"
                 self.log.error("recording failed; stopped", error=self._recording["error"])
                 self._close_recorder()
-        return self.pipeline.feed(batch) if self.pipeline is not None else []
+        out = self.pipeline.feed(batch) if self.pipeline is not None else []
+        for consumer in self.consumers:
+            try:
+                out += consumer.feed(batch)
+            except Exception:  # noqa: BLE001 - a key-pipeline bug must not stop counts and analysis
+                self.log.exception("batch consumer failed", consumer=type(consumer).__name__)
+        return out
 
     def _publish_analysis(self, messages: list[Any]) -> None:
         for topic, fields, arrays, t_begin, t_end in messages:

@@ -50,6 +50,7 @@ class Daemon:
         self.table = MethodTable()
         self.acquisition: Acquisition | None = None
         self.control: Any = None  # daemon.control.polarization.ControlHost with [control.polarization.*]
+        self.keys: Any = None  # daemon.qkd.service.KeyService with [qkd.links.*]
         self.notifier = Notifier()
         self._stop = asyncio.Event()
         self._stop_reason = ""
@@ -147,12 +148,14 @@ class Daemon:
                                            interval_s=acq["counts_interval_s"], read_timeout_s=acq["read_timeout_s"],
                                            pipeline=pipeline, record_dir=acq["record_dir"])
             self.acquisition.register(self.table)
-            self.acquisition.start()
             if self.cfg.control and pipeline is not None:
                 from daemon.control.polarization import ControlHost
 
                 self.control = ControlHost(self.cfg.control, self.supervisors, self.publisher, self.acquisition)
                 self.control.register(self.table)
+            if self.cfg.qkd is not None and pipeline is not None:
+                await self._key_service(pipeline)
+            self.acquisition.start()
         if self._stop.is_set():  # stopped while starting: no READY=1, straight to the safe shutdown
             await self._shutdown(ctx)
             return 0
@@ -185,6 +188,26 @@ class Daemon:
         analysis.register(self.table, pipeline, progress)
         return pipeline
 
+    async def _key_service(self, pipeline: Any) -> None:
+        """The key pipeline of [qkd] ([qkd.links.NAME]): stores opened and recovered, kernels warmed, fed by
+        the acquisition. A store that cannot be opened disables key production (logged); the rest runs."""
+        from daemon.qkd.service import KeyService, warm_up
+
+        keys = KeyService(self.cfg.qkd, self.cfg.analysis, pipeline, self.publisher, curve=self.cfg.curve is not None,
+                          adjusting=self.control.adjusting if self.control is not None else None)
+        try:
+            seconds = await asyncio.to_thread(warm_up)
+            await keys.start()
+        except Exception as e:  # noqa: BLE001 - e.g. a damaged key store: no keys, but the lab keeps running
+            log.error("key pipeline disabled", error=f"{type(e).__name__}: {e}")
+            await keys.stop()
+            return
+        log.info("key pipeline ready", links=list(keys.links), store_dir=str(keys.store_dir),
+                 warm_up_s=round(seconds, 3))
+        self.keys = keys
+        self.acquisition.consumers.append(keys)
+        keys.register(self.table)
+
     def request_stop(self, reason: str = "request") -> None:
         if not self._stop.is_set():
             self._stop_reason = reason
@@ -212,6 +235,8 @@ class Daemon:
             await self.control.stop()
         if self.acquisition is not None:
             await self.acquisition.stop(timeout=min(2.0, budget / 3))
+        if self.keys is not None:  # after the stream: the block in progress is committed on both sides or not at all
+            await self.keys.stop()
         left = max(0.2, budget - (time.monotonic() - t0))
         results = await asyncio.gather(*(s.stop(left) for s in self.supervisors.values()))
         failed = [name for name, ok in zip(self.supervisors, results) if not ok]
@@ -342,6 +367,7 @@ class Daemon:
             "publish": self.cfg.daemon["publish"],
             "devices": {n: s.status() for n, s in self.supervisors.items()},
             "acquisition": self.acquisition.status() if self.acquisition else None,
+            "keys": self.keys.status() if self.keys else None,
             "rpc": {"in_flight": self.rpc.in_flight if self.rpc else 0, "served": self.rpc.served if self.rpc else 0},
             "published": {
                 "sent": self.publisher.sent if self.publisher else 0,

@@ -109,6 +109,7 @@ class Config:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
     curve: CurveConfig | None = None  # [daemon.curve]: both sockets are CURVE servers; None: no authentication
     control: dict[str, Any] = field(default_factory=dict)  # [control.polarization.NAME] (daemon/control)
+    qkd: dict[str, Any] | None = None  # validated [qkd] with its enabled links (daemon/qkd/service.py), None: off
 
     @property
     def tagger(self) -> str | None:
@@ -189,7 +190,7 @@ def _device(name: str, raw: Any, sup: dict[str, Any], errors: list[ParamError]) 
     return DeviceConfig(name, driver, cls, options, limits, SupervisorConfig(**merged), table["enabled"])
 
 
-TOP_LEVEL = {"daemon", "supervisor", "acquisition", "devices", "simulation", "analysis", "control"}
+TOP_LEVEL = {"daemon", "supervisor", "acquisition", "devices", "simulation", "analysis", "control", "qkd"}
 
 
 def _simulation(raw: dict[str, Any], devices: dict[str, DeviceConfig], errors: list[ParamError]) -> Any:
@@ -279,9 +280,17 @@ def validate(raw: dict[str, Any], source: str = "config") -> Config:
 
         links = [lk["name"] for lk in (analysis or {}).get("links", [])]
         control = validate_control(raw["control"], errors, devices=devices, links=links)
+    qkd = None
+    if "qkd" in raw:
+        from daemon.qkd.service import validate as validate_qkd
+
+        links = {lk["name"]: lk for lk in (analysis or {}).get("links", [])}
+        qkd = validate_qkd(raw["qkd"], errors, links=links, curve=curve_raw is not None)
+        if qkd is not None and not qkd["links"]:
+            qkd = None
     if errors:
         raise ConfigError(errors, source)
-    return Config(daemon, SupervisorConfig(**sup), acq, devices, sim, analysis, source, raw, curve, control)
+    return Config(daemon, SupervisorConfig(**sup), acq, devices, sim, analysis, source, raw, curve, control, qkd)
 
 
 def _curve(raw: Any, errors: list[ParamError]) -> CurveConfig | None:

@@ -269,6 +269,8 @@ TOPICS: dict[str, dict[str, Any]] = {
         "fields": {
             **_INTERVAL_FIELDS,
             "link": {"type": "string", "doc": "link name"},
+            "kind": {"type": "string", "doc": "\"interval\": these statistics (\"block\": a key block, "
+                                              "docs/qkd-pipeline.md)"},
             "alice": {"type": "array of integer", "doc": "Alice's H, V, D, A channels"},
             "bob": {"type": "array of integer", "doc": "Bob's H, V, D, A channels"},
             "bell_state": {"type": "string", "doc": "phi+, phi-, psi+ or psi-"},
@@ -528,7 +530,8 @@ class AnalysisPipeline:
             a = None if iv.accidentals is None else iv.accidentals[idx].reshape(4, 4)
             st = link_statistics(m, a, bell_state=lk["bell_state"], alice_angles_deg=tuple(lk["alice_angles_deg"]),
                                  bob_angles_deg=tuple(lk["bob_angles_deg"]), interval_s=isec)
-            qf = {**base, "link": lk["name"], "alice": lk["alice"], "bob": lk["bob"], "matrix": m.tolist(),
+            qf = {**base, "link": lk["name"], "kind": "interval", "alice": lk["alice"], "bob": lk["bob"],
+                  "matrix": m.tolist(),
                   "accidentals_matrix": None if a is None else a.tolist(), **st}
             out.append((f"qkd.{lk['name']}", qf, [], iv.t_begin, iv.t_end))
         return out

@@ -1,6 +1,6 @@
 """JSON-RPC error codes and the exceptions that carry them, shared by the daemon and its clients.
 
-Standard codes come from JSON-RPC 2.0; the server codes -32000..-32004 are qnetd's (docs/protocol.md).
+Standard codes come from JSON-RPC 2.0; the server codes -32000..-32006 are qnetd's (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ LIMIT_EXCEEDED = -32001
 TIMEOUT = -32002
 BUSY = -32003
 DEVICE_ERROR = -32004
+KEY_UNAVAILABLE = -32005
+DELIVERY_REFUSED = -32006
 
 
 class RpcError(Exception):
@@ -102,6 +104,19 @@ class DeviceFailure(RpcError):
     code = DEVICE_ERROR
 
 
+class KeyUnavailable(RpcError):
+    """Keys cannot be delivered as asked: not enough keys, an unknown or already consumed key ID (nothing was
+    consumed), or the key store failed."""
+
+    code = KEY_UNAVAILABLE
+
+
+class DeliveryRefused(RpcError):
+    """Key delivery on an endpoint that authenticates nobody: configure [daemon.curve]."""
+
+    code = DELIVERY_REFUSED
+
+
 BY_CODE: dict[int, type[RpcError]] = {
     cls.code: cls
     for cls in (
@@ -115,6 +130,8 @@ BY_CODE: dict[int, type[RpcError]] = {
         Timeout,
         Busy,
         DeviceFailure,
+        KeyUnavailable,
+        DeliveryRefused,
     )
 }
 

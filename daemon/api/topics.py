@@ -65,8 +65,15 @@ def all_topics() -> dict[str, dict[str, Any]]:
     from daemon.analysis.pipeline import TOPICS as ANALYSIS_TOPICS
 
     from daemon.control.polarization import TOPICS as CONTROL_TOPICS
+    from daemon.qkd.service import BLOCK_FIELDS
+    from daemon.qkd.service import TOPICS as KEY_TOPICS
 
-    return {**TOPICS, **ANALYSIS_TOPICS, **PROGRESS_TOPIC, **CONTROL_TOPICS}
+    topics = {**TOPICS, **ANALYSIS_TOPICS, **PROGRESS_TOPIC, **CONTROL_TOPICS, **KEY_TOPICS}
+    q = topics["qkd.<link>"]  # interval statistics (analysis) and, with [qkd.links.NAME], one message per key block
+    topics["qkd.<link>"] = {**q, "doc": q["doc"] + " With a key pipeline ([qkd.links.NAME]) also one message per "
+                            "key block: kind = \"block\" (the interval statistics have kind = \"interval\").",
+                            "fields": {**q["fields"], **BLOCK_FIELDS}}
+    return topics
 
 
 def describe_topics() -> list[dict[str, Any]]:

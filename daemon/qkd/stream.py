@@ -54,6 +54,52 @@ def _clusters_until(s, code, window, horizon, out_a, out_b):  # pragma: no cover
     return ne, i
 
 
+@njit(cache=True, nogil=True)
+def _split(t, ch, code_lut, delay_lut, group_lut, out_s, out_c, counts):  # pragma: no cover - jit
+    """The link's tags, corrected, into one sorted run per delay group (same delay: order kept)."""
+    for i in range(t.shape[0]):
+        c = ch[i]
+        code = code_lut[c]
+        if code == 0:
+            continue
+        g = group_lut[c]
+        k = counts[g]
+        out_s[g, k] = t[i] + delay_lut[c]
+        out_c[g, k] = code
+        counts[g] = k + 1
+
+
+@njit(cache=True, nogil=True)
+def _merge(carry_s, carry_c, grp_s, grp_c, counts, out_s, out_c):  # pragma: no cover - jit
+    """k-way merge of the sorted carry and the sorted group runs (k <= 9: a linear scan of the heads)."""
+    ng = counts.shape[0]
+    pos = np.zeros(ng, np.int64)
+    ci = 0
+    nc = carry_s.shape[0]
+    total = nc
+    for g in range(ng):
+        total += counts[g]
+    big = np.iinfo(np.int64).max
+    for k in range(total):
+        best = carry_s[ci] if ci < nc else big
+        src = -1
+        for g in range(ng):
+            if pos[g] < counts[g]:
+                v = grp_s[g, pos[g]]
+                if v < best:
+                    best = v
+                    src = g
+        if src < 0:
+            out_s[k] = carry_s[ci]
+            out_c[k] = carry_c[ci]
+            ci += 1
+        else:
+            out_s[k] = best
+            out_c[k] = grp_c[src, pos[src]]
+            pos[src] += 1
+    return total
+
+
 @dataclass
 class SiftCounters:
     """Running totals of one sifter (published with each block, reported by keys.status)."""
@@ -107,11 +153,18 @@ class StreamSifter:
     def _set_delays(self, delays_ps: dict[int, int]) -> bool:
         new = tuple(int(delays_ps.get(int(c), 0)) for c in self._chans)
         changed = new != self._delays
+        if not changed and hasattr(self, "_group_lut"):
+            return False
         self._delays = new
         d = np.zeros(256, np.int64)
         d[self._chans] = new
         self._delay_lut = d
-        self._groups = sorted(set(new))
+        groups = sorted(set(new))
+        g = np.zeros(256, np.int64)
+        for c, dv in zip(self._chans, new):
+            g[c] = groups.index(dv)
+        self._group_lut = g
+        self._ngroups = len(groups)
         return changed
 
     def reset(self) -> None:
@@ -136,28 +189,16 @@ class StreamSifter:
             self.counters.broken_batches += 1
             self._last_end = int(t_end)
             return sift_events(np.empty(0, np.uint8), np.empty(0, np.uint8), self.bell_state)
-        code_all = self._lut[channels]
-        sel = code_all != 0
-        ts = timestamps[sel]
-        code = code_all[sel]
-        self.counters.tags += int(ts.size)
-        corrected = ts + self._delay_lut[channels[sel]]
-        # the carry is sorted; each delay group of the new tags is sorted (same offset on a sorted stream):
-        # a stable sort of these few runs is a merge
-        if len(self._groups) == 1:
-            parts_s, parts_c = [self._s, corrected], [self._c, code]
-        else:
-            grp = self._delay_lut[channels[sel]]
-            parts_s, parts_c = [self._s], [self._c]
-            for d in self._groups:
-                m = grp == d
-                parts_s.append(corrected[m])
-                parts_c.append(code[m])
-        s = np.concatenate(parts_s)
-        c = np.concatenate(parts_c)
-        order = np.argsort(s, kind="stable")
-        s = s[order]
-        c = c[order]
+        n = int(timestamps.shape[0])
+        grp_s = np.empty((self._ngroups, n), np.int64)
+        grp_c = np.empty((self._ngroups, n), np.uint8)
+        counts = np.zeros(self._ngroups, np.int64)
+        _split(timestamps, channels, self._lut, self._delay_lut, self._group_lut, grp_s, grp_c, counts)
+        self.counters.tags += int(counts.sum())
+        total = self._s.size + int(counts.sum())
+        s = np.empty(total, np.int64)
+        c = np.empty(total, np.uint8)
+        _merge(self._s, self._c, grp_s, grp_c, counts, s, c)
         horizon = int(t_end) + min(self._delays)
         out_a = np.empty(s.size, np.uint8)
         out_b = np.empty(s.size, np.uint8)
