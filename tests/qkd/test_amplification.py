@@ -134,17 +134,32 @@ def test_every_kernel_on_a_large_case(k):
     assert np.array_equal(pa.toeplitz_hash_words(pa.pack_bits(x), n, pa.pack_bits(s), m, kernel=k), want)
 
 
-@pytest.mark.parametrize("env,want", [({"QNETD_PA_KERNEL": "portable"}, "portable"), ({"QNETD_NO_PCLMUL": "1"}, "portable"),
-                                      ({"QNETD_PA_KERNEL": "no-such"}, None)])
-def test_environment_forces_the_kernel(env, want):
+_HASWELL = "+64bit,+sse,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+avx,+avx2,+fma,+bmi,+bmi2,+pclmul,+cx16"
+
+
+@pytest.mark.parametrize("env,want", [
+    ({"QNETD_PA_KERNEL": "portable"}, "portable"),
+    ({"QNETD_NO_PCLMUL": "1"}, "portable"),
+    ({"QNETD_PA_KERNEL": "no-such"}, None),  # warning, then the best available
+    # numba compiling for an older CPU: the kernels it lacks are never compiled (a fatal LLVM error otherwise)
+    ({"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": _HASWELL}, "pclmul"),
+    ({"NUMBA_CPU_NAME": "generic"}, "portable"),
+])
+def test_environment_forces_the_kernel(env, want, tmp_path):
     # a fresh interpreter: the kernel is chosen at import; the forced one must also be exact
+    if env.get("NUMBA_CPU_NAME") == "haswell" and not {"avx2", "pclmul", "bmi2", "fma"} <= pa._FEATURES:
+        pytest.skip("host cannot run Haswell code")  # pragma: no cover
     code = ("import numpy as np; from daemon.qkd import amplification as pa; r = np.random.default_rng(2); "
             "x = r.integers(0, 2, 3001, dtype=np.uint8); s = r.integers(0, 2, 3001 + 700 - 1, dtype=np.uint8); "
-            "assert np.array_equal(pa.toeplitz_hash(x, s, 700), pa.toeplitz_reference(x, s, 700)); print(pa.KERNEL)")
-    e = {k: v for k, v in os.environ.items() if not k.startswith("QNETD_")}
+            "assert np.array_equal(pa.toeplitz_hash(x, s, 700), pa.toeplitz_reference(x, s, 700)); "
+            "x = r.integers(0, 2, 70001, dtype=np.uint8); s = r.integers(0, 2, 70001 + 30000 - 1, dtype=np.uint8); "
+            "assert np.array_equal(pa.toeplitz_hash(x, s, 30000), pa.toeplitz_hash_fft(x, s, 30000)); print(pa.KERNEL)")
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("QNETD_", "NUMBA_CPU"))}
     e.update(env)
+    if "NUMBA_CPU_NAME" in env:
+        e["NUMBA_CACHE_DIR"] = str(tmp_path)  # keep foreign-target code out of the project's cache
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([sys.executable, "-c", code], env=e, cwd=root, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], env=e, cwd=root, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == (want or KERNELS[0])
 
