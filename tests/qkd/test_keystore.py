@@ -571,9 +571,10 @@ WORKER = textwrap.dedent("""
 @pytest.mark.timeout(max(120, 3 * int(os.environ.get("QNETD_KEYSTORE_KILLS", "80"))))
 def test_crash_at_random_points_leaves_both_sides_consistent(tmp_path):
     """A process adding keys through LinkKeyStores (single keys and blocks of 2-6) and consuming some (Alice by
-    number, then Bob by the same IDs) is killed with SIGKILL at random points, many times; after every kill the reopened (recovered) stores
-    pass their integrity and digest checks, hold the same keys on both sides (except keys consumed on one side
-    only) with identical bytes, keep every acknowledged add, and never hand a key out twice on a side."""
+    number, then Bob by the same IDs) is killed with SIGKILL at random points, many times; after every kill the
+    reopened (recovered) stores pass their integrity and digest checks, hold the same keys on both sides (except
+    keys consumed on one side only) with identical bytes, keep every acknowledged add, and never hand a key out
+    twice on a side."""
     kills = int(os.environ.get("QNETD_KEYSTORE_KILLS", "80"))
     d = tmp_path / "stores"
     script = tmp_path / "worker.py"
