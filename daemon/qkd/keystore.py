@@ -423,17 +423,26 @@ class KeyStore:
 
     def discard(self, key_id: str) -> None:
         """Delete a pending key (idempotent if absent). A ready or consumed key is never deleted: KeyStoreError."""
-        kid = _key_id(key_id)
+        self.discard_many([key_id])
+
+    def discard_many(self, key_ids: list[str]) -> None:
+        """:meth:`discard` for several IDs in one transaction: all or none."""
+        kids = [_key_id(k) for k in key_ids]
+        done = []
         with self._tx() as db:
-            row = db.execute("SELECT state FROM keys WHERE key_id=?", (kid,)).fetchone()
-            if row is None:
-                if db.execute("SELECT 1 FROM consumed WHERE key_id=?", (kid,)).fetchone():
-                    raise KeyStoreError(f"key {kid} was consumed on side {self.side}; it cannot be discarded")
-                return
-            if row[0] != "pending":
-                raise KeyStoreError(f"key {kid} is {row[0]} on side {self.side}; only pending keys are discarded")
-            db.execute("DELETE FROM keys WHERE key_id=?", (kid,))
-        log.info("key %s discarded on side %s", kid, self.side)
+            for kid in kids:
+                row = db.execute("SELECT state FROM keys WHERE key_id=?", (kid,)).fetchone()
+                if row is None:
+                    if db.execute("SELECT 1 FROM consumed WHERE key_id=?", (kid,)).fetchone():
+                        raise KeyStoreError(f"key {kid} was consumed on side {self.side}; it cannot be discarded")
+                    continue
+                if row[0] != "pending":
+                    raise KeyStoreError(f"key {kid} is {row[0]} on side {self.side}; only pending keys are "
+                                        f"discarded")
+                db.execute("DELETE FROM keys WHERE key_id=?", (kid,))
+                done.append(kid)
+        for kid in done:
+            log.info("key %s discarded on side %s", kid, self.side)
 
     # -- delivery --------------------------------------------------------------------------------------------
     def _consume(self, db: sqlite3.Connection, rows: list[tuple]) -> list[StoredKey]:
@@ -758,19 +767,32 @@ class LinkKeyStores:
                 log.warning("link %s: key %s still unfinished on Bob's side", self.link, kid)
 
     def recover(self) -> dict:
-        """Finish or undo every interrupted add: returns {"committed": n, "discarded": n}."""
-        out = {"committed": 0, "discarded": 0}
+        """Finish or undo every interrupted add: returns {"committed": n, "discarded": n} (keys).
+
+        Batched (a block's keys in one transaction per step), in an order that a crash during recovery cannot
+        spoil: Bob's commits of decided keys, then Alice's discards (the abort decision), then Bob's discards."""
         with self._lock:
-            for kid in self.bob.pending_ids():
-                r = self._resolve(kid)
-                if r:
-                    out[r] += 1
-            for kid in self.alice.pending_ids():
-                r = self._resolve(kid)
-                if r:
-                    out[r] += 1
+            a_pending, b_pending = self.alice.pending_ids(), self.bob.pending_ids()
+            commit, abort = [], []
+            for kid in b_pending:
+                a = self.alice.state_of(kid)
+                (commit if a in ("ready", "consumed") else abort).append(kid)
+            in_abort = set(abort)
+            for kid in a_pending:
+                if kid in in_abort:
+                    continue
+                b = self.bob.state_of(kid)
+                if b in ("ready", "consumed"):  # impossible in the protocol: Bob commits only after Alice
+                    raise KeyStoreCorrupt(f"link {self.link}: key {kid} is {b} on Bob's side but pending on "
+                                          f"Alice's")
+                abort.append(kid)
+            if commit:
+                self.bob.commit_many(commit)
+            if abort:
+                self.alice.discard_many(abort)  # absent ones: no-op
+                self.bob.discard_many(abort)
             self._unfinished.clear()
-        return out
+        return {"committed": len(commit), "discarded": len(abort)}
 
     def status(self) -> dict:
         return {"link": self.link, "alice": self.alice.status(), "bob": self.bob.status()}

@@ -444,6 +444,34 @@ def test_recovery_of_each_step(tmp_path, step, consume, expect, alice_state, bob
             assert ls.bob.get_by_id(kid).key == key_bytes(kid, 16)
 
 
+def test_recovery_of_several_blocks_at_once(tmp_path):
+    with LinkKeyStores(tmp_path, "L") as ls:
+        decided = [new_id() for _ in range(3)]  # a block after step 3, one of its keys consumed by Alice's app
+        undecided = [new_id() for _ in range(4)]  # a block after step 2
+        for block, commit in ((decided, True), (undecided, False)):
+            items = [(k, key_bytes(k, 16)) for k in block]
+            ls.alice.add_pending_many(items, 128, link="L", stats=ST)
+            ls.bob.add_pending_many(items, 128, link="L", stats=ST)
+            if commit:
+                ls.alice.commit_many(block)
+        ls.alice.get_by_id(decided[0])
+        lone = new_id()  # a step-1 leftover
+        ls.alice.add_pending(lone, b"\1" * 16, 128, link="L", stats=ST)
+    with LinkKeyStores(tmp_path, "L") as ls:
+        assert ls.recovered == {"committed": 3, "discarded": 5}
+        assert ls.bob.key_ids() == decided and ls.alice.key_ids() == decided[1:]
+        assert all(ls.alice.state_of(k) is None and ls.bob.state_of(k) is None for k in undecided + [lone])
+        assert ls.check() == []
+        # discard_many: all or none
+        kid = new_id()
+        ls.bob.add_pending(kid, b"\1" * 16, 128, link="L", stats=ST)
+        with pytest.raises(KeyStoreError, match="only pending"):
+            ls.bob.discard_many([kid, decided[1]])
+        assert ls.bob.state_of(kid) == "pending"
+        ls.bob.discard_many([kid, new_id()])
+        assert ls.bob.state_of(kid) is None
+
+
 def test_recovery_bob_pending_only_and_inconsistent_pair(tmp_path):
     # Bob prepared a key Alice never had (in the two-daemon protocol: Alice aborted and forgot it)
     with LinkKeyStores(tmp_path, "L") as ls:
