@@ -202,6 +202,22 @@ class SimulationHost:
             of compensation loops, which must find them through the real drivers."""
             return [float(x) for x in self.model.compensating_paddles(arm)]
 
+        async def set_delay_drift(arm: Annotated[str, Field(choices=("alice", "bob"))],
+                                  ps_per_s: Annotated[float, Field(unit="ps/s", min=-1e6, max=1e6)]) -> None:
+            """Set the rate at which one arm's fiber delay changes (a fiber warming up or cooling down)."""
+            self.model.set_delay_drift(arm, ps_per_s)
+
+        async def set_fiber_delay(arm: Annotated[str, Field(choices=("alice", "bob"))],
+                                  picoseconds: Annotated[float, Field(unit="ps", min=0, max=1e12)]) -> float:
+            """Set one arm's fiber delay (a fiber length change, from the next block); returns the previous one."""
+            prev = self.model.fiber_delay_ps(arm)
+            self.model.set_fiber_delay(arm, picoseconds)
+            return prev
+
+        async def fiber_delay(arm: Annotated[str, Field(choices=("alice", "bob"))]) -> float:
+            """One arm's fiber delay now (ps): ground truth for tests of delay tracking."""
+            return self.model.fiber_delay_ps(arm)
+
         for fn in (status, stop_instrument, start_instrument, set_eve, trip_interlock, set_drift,
-                   compensating_paddles):
+                   compensating_paddles, set_delay_drift, set_fiber_delay, fiber_delay):
             table.add(f"sim.{fn.__name__}", fn, group="sim")

@@ -42,6 +42,7 @@ import numpy as np
 import structlog
 
 from daemon.api.errors import RpcError
+from daemon.control.polmodel import ChannelModel, Tracker
 from drivers.params import REQUIRED, Field, ParamError, validate_table
 
 PS_PER_S = 1_000_000_000_000
@@ -69,6 +70,21 @@ FIELDS: dict[str, Field] = {
     "max_sweeps": Field(int, 12, min=1, max=1000, doc="sweeps over the paddles before giving up"),
     "measure_timeout_s": Field(float, 30.0, unit="s", min=0.1, max=3600.0,
                                doc="wall seconds without QBER data before the loop pauses"),
+    "method": Field(str, "model", choices=("model", "sweep"),
+                    doc="model: fit the channel to the coincidence matrix and solve for the paddles (sweeps "
+                        "as fallback); sweep: model-free coordinate sweeps only"),
+    "arm": Field(str, "bob", choices=("alice", "bob"), doc="the arm whose fiber the controller follows"),
+    "max_model_steps": Field(int, 6, min=1, max=100,
+                             doc="model steps (measure, fit, move) in a run before falling back to sweeps"),
+    "track": Field(bool, True, doc="model method: follow the drift while not adjusting, with small moves"),
+    "track_s": Field(float, 5.0, unit="s", min=0.5, max=3600.0,
+                     doc="tagger seconds of key-production data between two tracking decisions"),
+    "track_min_gain": Field(float, 0.003, min=0.0, max=1.0,
+                            doc="predicted decrease of QBER Z + QBER X that justifies a tracking move"),
+    "drift_prior_rad2_per_s": Field(float, 1e-4, unit="rad^2/s", min=0.0, max=100.0,
+                                    doc="expected fiber drift: how fast older measurements lose weight in the fit"),
+    "memory_s": Field(float, 120.0, unit="s", min=1.0, max=86400.0,
+                      doc="tagger seconds of measurements kept for the channel fit"),
 }
 
 TOPICS: dict[str, dict[str, Any]] = {
@@ -78,9 +94,11 @@ TOPICS: dict[str, dict[str, Any]] = {
             "name": {"type": "string", "doc": "loop name ([control.polarization.NAME])"},
             "link": {"type": "string", "doc": "the link whose QBER is minimized"},
             "controller": {"type": "string", "doc": "the polarization controller moved"},
-            "state": {"type": "string", "doc": "idle, adjusting, paused, converged, stalled or stopped"},
+            "state": {"type": "string",
+                      "doc": "idle, adjusting, tracking (a tracking move), paused, converged, stalled or stopped"},
             "adjusting": {"type": "boolean",
-                          "doc": "true while paddles move: key production must pause or mark these intervals"},
+                          "doc": "true while paddles move (and settle_s after): key production must pause or "
+                                 "mark these intervals"},
             "reason": {"type": "string or null", "doc": "why it started, paused or ended"},
             "steps": {"type": "integer", "doc": "measurements (paddle settings tried) in this run"},
             "sweep": {"type": "integer", "doc": "sweeps over the paddles in this run"},
@@ -88,17 +106,46 @@ TOPICS: dict[str, dict[str, Any]] = {
             "qber": {"type": "object or null", "doc": "Z, X: the last measurement"},
             "best_qber": {"type": "object or null", "doc": "Z, X: the best measurement of this run"},
             "sim_s": {"type": "number", "unit": "s", "doc": "tagger seconds since this run started"},
+            "method": {"type": "string", "doc": "model or sweep"},
+            "track_moves": {"type": "integer", "doc": "tracking moves since the daemon started"},
+            "model": {"type": "object or null",
+                      "doc": "last channel fit: visibility, residual, predicted QBER Z, X here and at the target"},
         },
         "frames": [],
     },
 }
 
 
+class ControlConfig(dict):
+    """The validated [control] table: name -> [control.polarization.NAME] (the dict itself, as before) and
+    ``delay``: name -> [control.delay.NAME]. True when either is configured."""
+
+    def __init__(self, loops: dict[str, dict[str, Any]] | None = None,
+                 delay: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__(loops or {})
+        self.delay: dict[str, dict[str, Any]] = dict(delay or {})
+
+    def __bool__(self) -> bool:
+        return bool(len(self)) or bool(self.delay)
+
+    def __reduce__(self):  # copy/deepcopy/pickle keep both parts
+        return (ControlConfig, (dict(self), self.delay))
+
+
+from daemon.control.delay import TOPICS as _DELAY_TOPICS  # noqa: E402
+
+TOPICS.update(_DELAY_TOPICS)
+
+
 def validate(raw: Any, errors: list[ParamError], *, devices: dict[str, Any], links: list[str],
-             path: str = "control") -> dict[str, dict[str, Any]]:
-    """Validate ``[control]``: only ``polarization.NAME`` tables; returns name -> validated table."""
+             path: str = "control") -> ControlConfig:
+    """Validate ``[control]``: ``polarization.NAME`` loops and ``delay.NAME`` trackers (daemon/control/delay.py);
+    returns a :class:`ControlConfig`. Loop and tracker names share the control.NAME namespace."""
+    from daemon.control.delay import validate_trackers
+
     out: dict[str, dict[str, Any]] = {}
-    top = validate_table(raw, {"polarization": Field(dict, {}, doc="[control.polarization.NAME] loops")}, path, errors)
+    top = validate_table(raw, {"polarization": Field(dict, {}, doc="[control.polarization.NAME] loops"),
+                               "delay": Field(dict, {}, doc="[control.delay.NAME] delay trackers")}, path, errors)
     loops = top["polarization"] or {}
     for name, table in loops.items():
         p = f"{path}.polarization.{name}"
@@ -121,7 +168,11 @@ def validate(raw: Any, errors: list[ParamError], *, devices: dict[str, Any], lin
                                      f"<= {cfg['threshold_qber']}"))
         if cfg["enabled"]:
             out[name] = cfg
-    return out
+    delay = validate_trackers(top["delay"] or {}, errors, links=links, path=f"{path}.delay")
+    for name in set(delay) & set(loops):
+        errors.append(ParamError(f"{path}.delay.{name}", f"the name {name!r} is also a polarization loop",
+                                 "another name (both publish on control.NAME)"))
+    return ControlConfig(out, delay)
 
 
 def fit_minimum(angles_deg: np.ndarray, costs: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
@@ -142,7 +193,7 @@ class DeviceFault(Exception):
 
 class PolarizationLoop:
     def __init__(self, name: str, cfg: dict[str, Any], controller: Any, publish: Callable[[str, dict], None],
-                 now_ps: Callable[[], int | None]) -> None:
+                 now_ps: Callable[[], int | None], link: dict[str, Any] | None = None) -> None:
         self.name = name
         self.cfg = cfg
         self.sup = controller  # DeviceSupervisor of the polarization controller
@@ -160,6 +211,7 @@ class PolarizationLoop:
         self.best: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []  # per measurement of the last run: steps, sim_s, qber
         self._t0_ps: int | None = None
+        self._meas_t_s = 0.0
         self._best: tuple[float, list[float]] = (math.inf, [])
         self._step = float(cfg["fine_step_deg"])
         self._t_last_ps = 0
@@ -169,38 +221,132 @@ class PolarizationLoop:
         self._watch: asyncio.Task[None] | None = None
         lo, hi = controller.cfg.limits.get("angle_deg", (0.0, 170.0))
         self.lo, self.hi = max(0.0, float(lo)), min(170.0, float(hi))  # never outside limits nor travel
+        self._link = link or {}
+        self.tracker: Tracker | None = None
+        self.track_moves = 0
+        self.model_info: dict[str, Any] | None = None
+        self._moving = False
+        self._settle_until_ps = 0
+        self._track_task: asyncio.Task[None] | None = None
+        self._last_track_ps: int | None = None
 
     # -- feed ------------------------------------------------------------------------------------------
     def on_message(self, topic: str, fields: dict[str, Any], t_begin: int, t_end: int) -> None:
-        """Acquisition listener (event loop): one analysis message."""
-        if topic != self.topic:
+        """Acquisition listener (event loop): one analysis message. Per-key-block messages on the same
+        topic (``kind`` = block) are ignored: only per-interval statistics (``kind`` interval or absent)."""
+        if topic != self.topic or fields.get("kind", "interval") != "interval":
             return
         q = _qber(fields)
         if q is None:
             return
         self._t_last_ps = t_end
-        if self.adjusting:
+        if self.running:
             if self._queue.full():
                 self._queue.get_nowait()
             self._queue.put_nowait((t_begin, t_end, fields))
             return
+        if self._tracking_enabled() and self.state != "paused":
+            self._track_feed(fields, t_begin, t_end)
         worst = max(q["Z"], q["X"])
         if worst > self.cfg["threshold_qber"]:
             if self._above_since_ps is None:
                 self._above_since_ps = t_begin
-            if (self.cfg["auto"] and self.state != "paused"
+            if (self.cfg["auto"] and self.state != "paused" and not self.adjusting
                     and t_end - self._above_since_ps >= self.cfg["hold_s"] * PS_PER_S):
                 self.start(f"auto: QBER {worst:.4f} above {self.cfg['threshold_qber']} for {self.cfg['hold_s']:g} s")
         else:
             self._above_since_ps = None
 
     @property
-    def adjusting(self) -> bool:
+    def running(self) -> bool:
+        """A compensation run (start ... converged/stalled/stopped) is going on."""
         return self._task is not None and not self._task.done()
+
+    @property
+    def adjusting(self) -> bool:
+        """True during a run, during a tracking move and until settle_s of tagger time after it."""
+        if self.running or self._moving:
+            return True
+        now = self._now_ps() or self._t_last_ps
+        return now < self._settle_until_ps
+
+    # -- tracking (model method, between runs) ---------------------------------------------------------
+    def _tracking_enabled(self) -> bool:
+        return self.cfg["method"] == "model" and self.cfg["track"]
+
+    def _ensure_tracker(self, fields: dict[str, Any]) -> Tracker:
+        if self.tracker is None:
+            bell = fields.get("bell_state") or self._link.get("bell_state", "phi+")
+            model = ChannelModel(bell, self.cfg["arm"], tuple(self._link.get("alice_angles_deg", (0.0, 45.0))),
+                                 tuple(self._link.get("bob_angles_deg", (0.0, 45.0))), self.lo, self.hi)
+            self.tracker = Tracker(model, memory_s=self.cfg["memory_s"], min_gain=self.cfg["track_min_gain"],
+                                   paddles=self.cfg["paddles"], drift_rad2_per_s=self.cfg["drift_prior_rad2_per_s"])
+        return self.tracker
+
+    def _track_feed(self, fields: dict[str, Any], t_begin: int, t_end: int) -> None:
+        if self._track_task is not None and not self._track_task.done():
+            return  # deciding or moving: these intervals are not at a known, settled setting
+        if t_begin < self._settle_until_ps or fields.get("matrix") is None:
+            return
+        tracker = self._ensure_tracker(fields)
+        if self.paddles is None:  # positions unknown yet: read them first
+            self._track_task = asyncio.create_task(self._track(None), name=f"control-{self.name}-track")
+            return
+        tracker.add(t_end / PS_PER_S, self.paddles, fields["matrix"])
+        if self._last_track_ps is None:
+            self._last_track_ps = t_begin
+        if t_end - self._last_track_ps >= self.cfg["track_s"] * PS_PER_S:
+            self._last_track_ps = t_end
+            self._track_task = asyncio.create_task(self._track(t_end), name=f"control-{self.name}-track")
+
+    async def _track(self, t_end: int | None) -> None:
+        try:
+            if t_end is None or self.paddles is None:
+                self.paddles = [float(x) for x in await self._call("positions")]
+                if self.tracker is not None:
+                    self.tracker.reset()
+                self._last_track_ps = None
+                return
+            tracker = self.tracker
+            assert tracker is not None
+            current = list(self.paddles)
+            target, info = await asyncio.to_thread(tracker.propose, t_end / PS_PER_S, current)
+            self.model_info = _round_info(info)
+            if target is None or self.running or self.state == "paused":
+                return
+            prev = self.state
+            self._moving = True
+            self.state, self.reason = "tracking", f"track: predicted QBER Z+X gain {info['gain']:.4f}"
+            try:
+                for p in self.cfg["paddles"]:
+                    if abs(target[p] - current[p]) >= 0.001:
+                        await self._move(p, target[p])
+            finally:
+                self._moving = False
+                self._settle_until_ps = (self._now_ps() or self._t_last_ps) + int(self.cfg["settle_s"] * PS_PER_S)
+            self.track_moves += 1
+            self.state, self.reason = (prev if prev != "tracking" else "idle"), self.reason
+            self.publish()
+        except DeviceFault as e:
+            self._moving = False
+            self.paddles = None  # re-read after the fault
+            self._set("paused", str(e))
+            asyncio.get_running_loop().create_task(self._resume_after_fault())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the daemon
+            self._moving = False
+            self.log.exception("polarization tracking failed")
+            self.reason = f"tracking error: {type(e).__name__}: {e}"
+
+    async def _resume_after_fault(self) -> None:
+        await self.sup.wait_ready()
+        if self.state == "paused" and not self.running:
+            self._set("idle", "resumed: device ready")
 
     # -- control ---------------------------------------------------------------------------------------
     def start(self, reason: str = "requested") -> bool:
-        if self.adjusting:
+        if self.running:
             return False
         self.runs += 1
         self.steps = self.sweep = 0
@@ -209,10 +355,18 @@ class PolarizationLoop:
         self._t0_ps = self._now_ps() or self._t_last_ps
         self._above_since_ps = None
         self._drain()
+        if self._track_task is not None and not self._track_task.done():
+            self._track_task.cancel()
+        self._moving = False
         self._task = asyncio.create_task(self._run(reason), name=f"control-{self.name}")
         return True
 
     async def stop(self, reason: str = "stopped by request") -> None:
+        track = self._track_task
+        if track is not None and not track.done():
+            track.cancel()
+            await asyncio.gather(track, return_exceptions=True)
+            self._moving = False
         task = self._task
         if task is not None and not task.done():
             task.cancel()
@@ -225,7 +379,8 @@ class PolarizationLoop:
             sim_s = max(0, (self._now_ps() or self._t_last_ps) - self._t0_ps) / PS_PER_S
         return {"name": self.name, "link": self.cfg["link"], "controller": self.sup.name, "state": self.state,
                 "adjusting": self.adjusting, "reason": self.reason, "steps": self.steps, "sweep": self.sweep,
-                "paddles_deg": self.paddles, "qber": self.last, "best_qber": self.best, "sim_s": round(sim_s, 3)}
+                "paddles_deg": self.paddles, "qber": self.last, "best_qber": self.best, "sim_s": round(sim_s, 3),
+                "method": self.cfg["method"], "track_moves": self.track_moves, "model": self.model_info}
 
     def _set(self, state: str, reason: str | None) -> None:
         self.state, self.reason = state, reason
@@ -248,7 +403,10 @@ class PolarizationLoop:
                     await self.sup.wait_ready()
                     if self.state == "paused":
                         self._set("adjusting", "resumed: device ready")
-                    done, why = await self._optimize()
+                    if self.cfg["method"] == "model":
+                        done, why = await self._optimize_model()
+                    else:
+                        done, why = await self._optimize()
                     self._set("converged" if done else "stalled", why)
                     return
                 except DeviceFault as e:
@@ -279,12 +437,14 @@ class PolarizationLoop:
         mark = (self._now_ps() or self._t_last_ps) + int(self.cfg["settle_s"] * PS_PER_S)
         err = {"Z": 0.0, "X": 0.0}
         sifted = {"Z": 0, "X": 0}
+        matrix = np.zeros((4, 4))
+        t_last = mark
         got = 0
         deadline = time.monotonic() + self.cfg["measure_timeout_s"]
         while got < self.cfg["measure_intervals"]:
             left = deadline - time.monotonic()
             try:
-                t_begin, _t_end, fields = await asyncio.wait_for(self._queue.get(), max(0.01, left))
+                t_begin, t_end, fields = await asyncio.wait_for(self._queue.get(), max(0.01, left))
             except TimeoutError:
                 raise DeviceFault(f"no {self.topic} data for {self.cfg['measure_timeout_s']:g} s") from None
             if t_begin < mark:
@@ -296,10 +456,17 @@ class PolarizationLoop:
                 n = int(fields["sifted"][b])
                 sifted[b] += n
                 err[b] += q[b] * n
+            if fields.get("matrix") is not None:
+                matrix += np.asarray(fields["matrix"], float).reshape(4, 4)
+                self._ensure_tracker(fields)
+            t_last = t_end
             got += 1
         if not self.sup.available:  # faulted while we measured: this point is not trustworthy
             raise DeviceFault(f"{self.sup.name} is {self.sup.state.value}: {self.sup.error}")
         qz, qx = (err[b] / sifted[b] if sifted[b] else 0.5 for b in ("Z", "X"))
+        self._meas_t_s = t_last / PS_PER_S
+        if self.tracker is not None and matrix.sum() > 0 and self.paddles is not None:
+            self.tracker.add(self._meas_t_s, self.paddles, matrix)
         self.steps += 1
         self.last = {"Z": round(qz, 6), "X": round(qx, 6)}
         if self.best is None or qz + qx < self.best["Z"] + self.best["X"]:
@@ -312,6 +479,45 @@ class PolarizationLoop:
 
     def _at_target(self) -> bool:
         return self.last is not None and max(self.last.values()) <= self.cfg["target_qber"]
+
+    async def _optimize_model(self) -> tuple[bool, str]:
+        """Measure (the whole 4x4 matrix), fit the channel, move all paddles to the predicted optimum; repeat
+        (each new setting also resolves the fit's two-fold ambiguity) until at target or max_model_steps;
+        then the model-free sweeps take over."""
+        self.paddles = [float(x) for x in await self._call("positions")]
+        self._check_paddles()
+        if self.tracker is not None:
+            self.tracker.reset()
+        cost = await self._measure()
+        self._best = (cost, list(self.paddles))
+        if self._at_target():
+            return True, "at target"
+        for _ in range(self.cfg["max_model_steps"]):
+            if self.tracker is None:
+                break  # no coincidence matrix in the feed: the model cannot be used
+            target, info = await asyncio.to_thread(self.tracker.propose, self._meas_t_s, list(self.paddles),
+                                                   False, 0.0)
+            self.model_info = _round_info(info)
+            if target is None:
+                break
+            for p in self.cfg["paddles"]:
+                if abs(target[p] - self.paddles[p]) >= 0.001:
+                    await self._move(p, target[p])
+            cost = await self._measure()
+            if cost < self._best[0]:
+                self._best = (cost, list(self.paddles))
+            if self._at_target():
+                return True, f"at target after {self.steps} steps (model)"
+        model_steps = self.steps
+        self.log.info("model steps did not reach the target: sweeps", steps=model_steps)
+        done, why = await self._optimize()
+        return done, f"{why} (sweeps after {model_steps} model steps)"
+
+    def _check_paddles(self) -> None:
+        assert self.paddles is not None
+        for p in self.cfg["paddles"]:
+            if p >= len(self.paddles):
+                raise DeviceFault(f"{self.sup.name} has {len(self.paddles)} paddles; paddle {p} configured")
 
     async def _optimize(self) -> tuple[bool, str]:
         self.paddles = [float(x) for x in await self._call("positions")]
@@ -407,6 +613,18 @@ class PolarizationLoop:
         return pts[best_a]
 
 
+def _round_info(info: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in info.items():
+        if isinstance(v, (tuple, list)):
+            out[k] = [round(float(x), 6) for x in v]
+        elif isinstance(v, float):
+            out[k] = round(v, 6)
+        else:
+            out[k] = v
+    return out
+
+
 def _qber(fields: dict[str, Any]) -> dict[str, float] | None:
     q = fields.get("qber") or {}
     if q.get("Z") is None or q.get("X") is None:
@@ -415,7 +633,8 @@ def _qber(fields: dict[str, Any]) -> dict[str, float] | None:
 
 
 class ControlHost:
-    """Every configured loop: the acquisition listener, the RPC methods control.<name>.start/stop/status."""
+    """Every configured loop and delay tracker: the acquisition listener, the RPC methods
+    control.<name>.start/stop/status(/history), and the adjusting flag per link."""
 
     def __init__(self, cfg: dict[str, dict[str, Any]], supervisors: dict[str, Any], publisher: Any,
                  acquisition: Any) -> None:
@@ -424,21 +643,45 @@ class ControlHost:
                 publisher.publish(topic, fields)
 
         now = lambda: acquisition.last_t_end_ps  # noqa: E731
-        self.loops = {name: PolarizationLoop(name, c, supervisors[c["controller"]], publish, now)
+        links: dict[str, dict[str, Any]] = {}
+        pipeline = getattr(acquisition, "pipeline", None)
+        if pipeline is not None:
+            try:
+                links = {lk["name"]: lk for lk in pipeline.config.get("links", [])}
+            except Exception:  # noqa: BLE001 - defaults (phi+, analysers at 0 and 45 degrees) then
+                links = {}
+        self.loops = {name: PolarizationLoop(name, c, supervisors[c["controller"]], publish, now,
+                                             links.get(c["link"]))
                       for name, c in cfg.items() if c["controller"] in supervisors}
+        self.delays: dict[str, Any] = {}
+        if pipeline is not None:
+            from daemon.control.delay import DelayTracker
+
+            for name, c in (getattr(cfg, "delay", None) or {}).items():
+                if c["link"] in links:
+                    self.delays[name] = DelayTracker(name, c, pipeline, publish, now)
         acquisition.listeners.append(self.on_message)
+        self._started = False
 
     def on_message(self, topic: str, fields: dict[str, Any], t_begin: int, t_end: int) -> None:
+        if not self._started:  # the delay trackers start with the first analysis message (the event loop runs)
+            self._started = True
+            for tr in self.delays.values():
+                tr.start()
         for loop in self.loops.values():
             loop.on_message(topic, fields, t_begin, t_end)
 
     def adjusting(self, link: str) -> bool:
-        """True while a loop moves paddles on ``link``: what the key pipeline must honour."""
-        return any(lp.adjusting for lp in self.loops.values() if lp.cfg["link"] == link)
+        """True while a loop moves paddles on ``link`` (a run, a tracking move and its settle time) or a delay
+        tracker's new delays are taking effect: what the key pipeline must honour."""
+        return (any(lp.adjusting for lp in self.loops.values() if lp.cfg["link"] == link)
+                or any(dt.adjusting for dt in self.delays.values() if dt.cfg["link"] == link))
 
     async def stop(self) -> None:
         for loop in self.loops.values():
             await loop.stop("daemon stopping")
+        for tr in self.delays.values():
+            await tr.stop("daemon stopping")
 
     def register(self, table: Any) -> None:
         for name, loop in self.loops.items():
@@ -463,4 +706,27 @@ class ControlHost:
                 return start, stop, status, history
 
             for fn in make(loop):
+                table.add(f"control.{name}.{fn.__name__}", fn, group="control")
+        for name, tracker in self.delays.items():
+            def make_delay(tr: Any) -> tuple:
+                async def start() -> dict:
+                    """Start (or resume) following the coincidence peak; returns the status."""
+                    tr.start()
+                    return tr.status()
+
+                async def stop() -> dict:
+                    """Stop following the peak; the delays stay where they are."""
+                    await tr.stop()
+                    return tr.status()
+
+                async def status() -> dict:
+                    """State, adjusting flag, last peak offset, corrections and the adjusted channels' delays."""
+                    return tr.status()
+
+                async def history() -> list:
+                    """Every estimate: tagger seconds, mean peak offset, pairs found, delay shift applied."""
+                    return list(tr.history)
+                return start, stop, status, history
+
+            for fn in make_delay(tracker):
                 table.add(f"control.{name}.{fn.__name__}", fn, group="control")

@@ -12,7 +12,8 @@ Layout::
     [simulation]            enabled, seed, block_ms
     [simulation.source]     brightness, visibility, bell_state
     [simulation.pump]       threshold_ma, slope_mw_per_ma, current_limit_ma, current_ma, output_on
-    [simulation.arms.alice] loss_db, fiber_km, loss_db_per_km, group_index, drift_rad2_per_s, initial_unitary
+    [simulation.arms.alice] loss_db, fiber_km, loss_db_per_km, group_index, drift_rad2_per_s, initial_unitary,
+                            delay_drift_ps_per_s
     [simulation.arms.bob]   (the same keys)
     [simulation.receivers]  mode, alice_angles_deg, bob_angles_deg
     [simulation.detectors]  preset, and overrides: efficiency, dark_count_hz, dead_time_ns, jitter_ps,
@@ -89,6 +90,10 @@ def _arm_fields(fiber_km: float) -> dict[str, Field]:
                                       "theta ~ N(0, 2 D dt)"),
         "initial_unitary": Field(str, "identity", choices=("identity", "random"),
                                  doc="fiber unitary at t = 0: identity, or Haar-random from the seed"),
+        "delay_drift_ps_per_s": Field(float, 0.0, unit="ps/s", min=-1.0e6, max=1.0e6,
+                                      doc="fiber delay change rate (temperature: ~7 ppm/K, 35 ps/km/K: about 0.1 ps/s "
+                                          "for 10 km warming 1 K/h); the delay moves from the fiber_km value, "
+                                          "block by block"),
     }
 
 
@@ -208,6 +213,7 @@ class ArmConfig:
     group_index: float
     drift_rad2_per_s: float
     initial_unitary: str
+    delay_drift_ps_per_s: float = 0.0
 
     @property
     def total_loss_db(self) -> float:

@@ -90,6 +90,11 @@ class BenchModel:
         self._eta_ch = {arm: cfg.arms[arm].transmission for arm in ARMS}
         self._eta_arm = np.array([self._eta_ch[a] for a in self._arm_of])
         self._arm_delay = np.array([cfg.arms[a].delay_ps for a in self._arm_of], np.int64)
+        # fiber delay changes (delay_drift_ps_per_s, set_fiber_delay): the delay in ps as a float per arm
+        self._fiber_delay = {arm: float(cfg.arms[arm].delay_ps) for arm in ARMS}
+        self._delay_rate = {arm: float(cfg.arms[arm].delay_drift_ps_per_s) for arm in ARMS}
+        # per channel, the last tag returned: a shortened fiber must not make a channel's tags go back
+        self._last_tag_ps = np.full(max(cfg.tagger.channels, DETECTORS), K.NEVER, np.int64)
         self._eta_det = np.array(det.efficiency, float)
         self._dark_hz = np.array(det.dark_count_hz, float)
         self._det_dead_ps = np.round(np.array(det.dead_time_ns) * 1e3).astype(np.int64)
@@ -170,6 +175,20 @@ class BenchModel:
             if len(ts) and ts[0] < 0:  # before the tagger's time origin (jitter at the very start)
                 cut = int(np.searchsorted(ts, 0))
                 ts, ch = ts[cut:], ch[cut:]
+            if len(ts):
+                # a fiber that got shorter between blocks: the few tags of a channel that would now precede
+                # that channel's tags already returned are held at its last one (a shift of at most the delay
+                # change), so every channel's tags still increase from block to block
+                if ts[0] <= self._last_tag_ps.max():
+                    early = ts < self._last_tag_ps[ch]
+                    if early.any():
+                        ts = np.where(early, self._last_tag_ps[ch], ts)
+                        order = np.argsort(ts, kind="stable")
+                        ts, ch = ts[order], ch[order]
+                idx = np.full(len(self._last_tag_ps), -1, np.int64)
+                idx[ch] = np.arange(len(ch))  # repeated indices: the last assignment (the latest tag) stays
+                seen = idx >= 0
+                self._last_tag_ps[seen] = ts[idx[seen]]
             dropped = 0
             if self.cfg.tagger.max_rate_hz > 0:
                 allowed = int(self.cfg.tagger.max_rate_hz * B / PS_PER_S)
@@ -197,6 +216,7 @@ class BenchModel:
 
     # -- block-to-block state ----------------------------------------------------------------------------
     def _reset_sequential(self) -> None:
+        self._last_tag_ps = np.full(max(self.cfg.tagger.channels, DETECTORS), K.NEVER, np.int64)
         self._det_last = np.full(DETECTORS, K.NEVER, np.int64)
         self._tag_last = np.full(DETECTORS, K.NEVER, np.int64)
         self._drop_carries()
@@ -236,8 +256,16 @@ class BenchModel:
             self._reset_sequential()
             self._history.clear()
         self._u, self._drift_rng = self._drift_steps(self._u, self._drift_rng, max(0, steps))
+        if steps > 0 and any(self._delay_rate[a] for a in ARMS):
+            dt = steps * self.block_ps / PS_PER_S
+            for arm in ARMS:
+                self._fiber_delay[arm] = max(0.0, self._fiber_delay[arm] + self._delay_rate[arm] * dt)
+            self._update_arm_delay()
         self._u_block = k
         self._history.append((k, self._u["alice"].copy(), self._u["bob"].copy()))
+
+    def _update_arm_delay(self) -> None:
+        self._arm_delay = np.array([int(round(self._fiber_delay[a])) for a in self._arm_of], np.int64)
 
     def _drift_steps(self, u: dict[str, np.ndarray], rng: np.ndarray,
                      steps: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -370,6 +398,35 @@ class BenchModel:
             u = self._u[arm].copy()
         return O.compensating_angles(u)[0]
 
+    def fiber_delay_ps(self, arm: str) -> float:
+        """The arm's fiber delay now (ps; tags use it rounded to whole ps)."""
+        self._check_arm(arm)
+        with self._lock:
+            return self._fiber_delay[arm]
+
+    def set_fiber_delay(self, arm: str, picoseconds: float) -> None:
+        """Set the arm's fiber delay (a fiber length change; 0 <= ps <= 1e12), effective from the next block; a
+        delay drift continues from it."""
+        self._check_arm(arm)
+        if not (isinstance(picoseconds, (int, float)) and math.isfinite(picoseconds)
+                and 0 <= picoseconds <= 1_000_000_000_000):
+            raise ValueError(f"fiber delay must be within 0..1e12 ps, got {picoseconds!r}")
+        with self._lock:
+            self._fiber_delay[arm] = float(picoseconds)
+            self._update_arm_delay()
+
+    def delay_drift(self, arm: str) -> float:
+        self._check_arm(arm)
+        return self._delay_rate[arm]
+
+    def set_delay_drift(self, arm: str, ps_per_s: float) -> None:
+        """Change the arm's fiber delay drift (ps per simulated second, either sign) from the next block on."""
+        self._check_arm(arm)
+        if not (isinstance(ps_per_s, (int, float)) and math.isfinite(ps_per_s) and abs(ps_per_s) <= 1e6):
+            raise ValueError(f"delay drift must be a finite number of ps/s within +-1e6, got {ps_per_s!r}")
+        with self._lock:
+            self._delay_rate[arm] = float(ps_per_s)
+
     # -- tagger ------------------------------------------------------------------------------------------
     @property
     def input_delays_ps(self) -> list[int]:
@@ -419,7 +476,7 @@ class BenchModel:
             "pump_mw": ph["pump_mw"],
             "pair_rate_hz": r,
             "arm_transmission": dict(self._eta_ch),
-            "arm_delay_ps": {arm: self.cfg.arms[arm].delay_ps for arm in ARMS},
+            "arm_delay_ps": {arm: int(round(self._fiber_delay[arm])) for arm in ARMS},
             "detector_efficiency": (self._eta_det * counting).tolist(),
             "singles_hz": singles.tolist(),
             "singles_measured_hz": measured.tolist(),
@@ -454,6 +511,8 @@ class BenchModel:
                 "resolution_ps": self._res,
                 "detector_preset": self.cfg.detectors.preset,
                 "drift_rad2_per_s": dict(self._drift),
+                "fiber_delay_ps": {a: round(self._fiber_delay[a], 3) for a in ARMS},
+                "delay_drift_ps_per_s": dict(self._delay_rate),
                 "input_delays_ps": self.input_delays_ps,
                 **self.stats,
             }
