@@ -68,7 +68,7 @@ _WIDTH = {8: 0, 16: 2, 32: 4, 64: 8}  # token bit width -> uint64 words per vect
 _NEEDS = {"vpclmul512": {"vpclmulqdq", "avx512f"}, "vpclmul256": {"vpclmulqdq", "avx"}, "pclmul": {"pclmul"},
           "portable": set()}
 # base-case size (words) below which the Karatsuba split stops, per kernel; measured (docs/qkd-keys.md)
-BASE_WORDS = {"vpclmul512": 128, "vpclmul256": 128, "pclmul": 96, "portable": 8}
+BASE_WORDS = {"vpclmul512": 128, "vpclmul256": 128, "pclmul": 96, "portable": 16}
 
 
 def _cpu_features() -> set[str]:
@@ -144,34 +144,6 @@ def _clmul_hw(typingctx, a, b):  # pragma: no cover - compiled
     return sig, codegen
 
 
-@njit(cache=True, nogil=True)
-def _clmul_sw(a, b):  # pragma: no cover - jit
-    """Portable carry-less 64x64 -> 128 multiply: 4-bit windows of ``b`` against a table of a * {0..15}."""
-    tl = np.empty(16, np.uint64)
-    th = np.empty(16, np.uint64)
-    tl[0] = 0
-    th[0] = 0
-    for i in range(1, 16):  # a * i: the low word and the (at most 3) bits that overflow it
-        lo = np.uint64(0)
-        hi = np.uint64(0)
-        for j in range(4):
-            if (i >> j) & 1:
-                lo ^= a << np.uint64(j)
-                if j:
-                    hi ^= a >> np.uint64(64 - j)
-        tl[i] = lo
-        th[i] = hi
-    lo = np.uint64(0)
-    hi = np.uint64(0)
-    for w in range(15, -1, -1):  # Horner over the nibbles of b, most significant first
-        hi = (hi << np.uint64(4)) | (lo >> np.uint64(60))
-        lo = lo << np.uint64(4)
-        v = (b >> np.uint64(4 * w)) & np.uint64(15)
-        lo ^= tl[v]
-        hi ^= th[v]
-    return lo, hi
-
-
 _VNAME = {2: "llvm.x86.pclmulqdq", 4: "llvm.x86.pclmulqdq.256", 8: "llvm.x86.pclmulqdq.512"}
 
 
@@ -235,21 +207,57 @@ def _vbase(typingctx, mode, t, x, n, p):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
+def _mul_table(a, tl, th):  # pragma: no cover - jit
+    """tl[v], th[v] = low word and overflow bits (< 2**7) of the carry-less product a * v, v = 0 .. 255."""
+    tl[0] = 0
+    th[0] = 0
+    for k in range(8):
+        step = 1 << k
+        lo = a << np.uint64(k)
+        hi = (a >> np.uint64(64 - k)) if k else np.uint64(0)
+        for i in range(step):
+            tl[step + i] = tl[i] ^ lo
+            th[step + i] = th[i] ^ hi
+
+
+@njit(cache=True, nogil=True)
+def _mul_by_table(v, tl, th):  # pragma: no cover - jit
+    """(lo, hi) of a * v from a's table (:func:`_mul_table`): bytes of v, most significant first (Horner)."""
+    c = v >> np.uint64(56)
+    lo = tl[c]
+    hi = th[c]
+    for w in range(6, -1, -1):
+        hi = (hi << np.uint64(8)) | (lo >> np.uint64(56))
+        c = (v >> np.uint64(8 * w)) & np.uint64(255)
+        lo = (lo << np.uint64(8)) ^ tl[c]
+        hi ^= th[c]
+    return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def _clmul_sw(a, b):  # pragma: no cover - jit
+    """Portable carry-less 64x64 -> 128 multiply (the portable kernel's arithmetic, for tests)."""
+    tl = np.empty(256, np.uint64)
+    th = np.empty(256, np.uint64)
+    _mul_table(a, tl, th)
+    return _mul_by_table(b, tl, th)
+
+
+@njit(cache=True, nogil=True)
 def _base_portable(t, x, n, p):  # pragma: no cover - jit
-    """Same contract as :func:`_vbase` (writes p[1 .. n]), with the portable multiply, product scanning."""
-    carry = np.uint64(0)
-    for b in range(n):  # Q_{n-1}: only its high word is used (product word n)
-        lo, hi = _clmul_sw(t[n - 1 - b], x[b])
-        carry ^= hi
-    for k in range(n, 2 * n):
-        acc_lo = carry
-        acc_hi = np.uint64(0)
-        for b in range(n):
-            lo, hi = _clmul_sw(t[k - b], x[b])
-            acc_lo ^= lo
-            acc_hi ^= hi
-        p[k - n + 1] ^= acc_lo
-        carry = acc_hi
+    """Same contract as :func:`_vbase`, without carry-less multiply instructions: for each key word x[b], a
+    table of x[b] * (0..255) (low word, overflow), then every seed word t[k - b] is multiplied byte by byte
+    (Horner, most significant byte first) and its 128-bit product xored into product words k, k + 1."""
+    tl = np.empty(256, np.uint64)
+    th = np.empty(256, np.uint64)
+    for b in range(n):
+        if x[b] == 0:
+            continue
+        _mul_table(x[b], tl, th)
+        for i in range(n + 1):  # Q_k, k = n - 1 + i: seed word k - b (in range), product words k, k + 1
+            lo, hi = _mul_by_table(t[n - 1 + i - b], tl, th)
+            p[i] ^= lo
+            p[i + 1] ^= hi
 
 
 def _base(mode, t, x, n, p):  # pragma: no cover - stub, replaced by the overload below in jitted code
