@@ -187,6 +187,14 @@ def _key_id(key_id: str) -> str:
         raise KeyNotFound(f"{key_id!r} is not a key ID (UUID)") from exc
 
 
+def _new_key_id(key_id: str) -> str:
+    """Canonical UUID text of a key ID to store; ValueError when it is not a UUID."""
+    try:
+        return str(uuid.UUID(str(key_id)))
+    except ValueError:
+        raise ValueError(f"{key_id!r} is not a key ID (UUID)") from None
+
+
 def _check_size(key: bytes, size_bits: int) -> None:
     if isinstance(size_bits, bool) or int(size_bits) != size_bits or size_bits <= 0:
         raise ValueError(f"size_bits must be a positive integer, got {size_bits!r}")
@@ -373,7 +381,7 @@ class KeyStore:
         st = stats if stats is not None else BlockStats()
         when = time.time() if created is None else float(created)
         for key_id, key in items:
-            kid = _key_id(key_id)
+            kid = _new_key_id(key_id)
             key = bytes(key)
             _check_size(key, size_bits)
             rows.append((kid, link, key, int(size_bits), _digest(kid, self.side, int(size_bits), key), "pending", when,
@@ -678,15 +686,15 @@ class LinkKeyStores:
     def add_many(self, items: list[tuple[str | None, bytes, bytes]], size_bits: int, *,
                  stats: BlockStats) -> list[str]:
         """Store the keys ``(key_id or None, alice, bob)`` of one block on both sides with one two-phase commit
-        (each step one transaction for all of them): after a crash at any point all of them are ready on both
-        sides or none is stored. Returns their IDs."""
+        (each step one transaction for all of them): after a crash at any point all of them are stored on both
+        sides (ready, or consumed meanwhile) or none is. Returns their IDs."""
         kids, a_items, b_items = [], [], []
         for key_id, alice, bob in items:
             alice, bob = bytes(alice), bytes(bob)
             _check_size(alice, size_bits)
             if len(bob) != len(alice) or not hmac.compare_digest(alice, bob):
                 raise ValueError("Alice's and Bob's keys differ: only verified (identical) keys are stored")
-            kid = str(uuid.uuid4()) if key_id is None else _key_id(key_id)
+            kid = str(uuid.uuid4()) if key_id is None else _new_key_id(key_id)
             kids.append(kid)
             a_items.append((kid, alice))
             b_items.append((kid, bob))

@@ -131,7 +131,7 @@ def test_add_pending_commit_discard_errors(tmp_path):
                     lambda: ks.get(0), lambda: ks.get(1, 0), lambda: ks.get(True)):
             with pytest.raises(ValueError):
                 bad()
-        with pytest.raises(KeyNotFound):
+        with pytest.raises(ValueError, match="not a key ID"):
             ks.add_pending("nope", b"\1" * 16, 128, link="L", stats=ST)
         ks.add_pending(new_id(), b"\1\1\x0f", 20, link="L", stats=ST)  # a size that is not whole bytes
         assert ks.check() == []
@@ -360,6 +360,8 @@ def test_batches_add_many_and_get_by_ids(tmp_path, monkeypatch):
             ls.add_many([(new_id(), b"\1" * 32, b"\1" * 32), (ids[0], b"\1" * 32, b"\1" * 32)], 256, stats=ST)
         with pytest.raises(ValueError, match="twice"):
             ls.add_many([(given, b"\1" * 32, b"\1" * 32)] * 2, 256, stats=ST)
+        with pytest.raises(ValueError, match="not a key ID"):
+            ls.add(b"\1" * 32, b"\1" * 32, 256, stats=ST, key_id="block-7/3")
         assert ls.alice.key_ids() == ls.bob.key_ids() == ids and ls.check() == []
         # a block whose commit on Bob's side fails is finished as a whole
         monkeypatch.setattr(ls.bob, "commit_many", lambda kids: (_ for _ in ()).throw(KeyStoreLocked("simulated")))
