@@ -56,12 +56,19 @@ def binary_entropy(q: float) -> float:
 
 @dataclass(frozen=True)
 class CascadeParams:
-    """Tuning of the block sizes (public; Alice's choice travels in ``cascade.start``)."""
+    """Tuning (public; Alice's schedule travels in ``cascade.start``, the rest is each side's own business).
+
+    Defaults from measured sweeps (docs/qkd-reconciliation.md): a first block ~0.7/Q, a second 16x larger (32x
+    from 4 % QBER), a third 64x the second, then subset checks. Larger second blocks lower the leak (fewer
+    parities spent on pairs an earlier pass could not see) but lengthen the pass-0/pass-1 cascade chains, i.e.
+    cost round trips."""
 
     alpha: float = 0.7        # first block ~ alpha / Q, rounded to a power of two (in log2)
-    growth: int = 5           # log2 of the block-size factor between main passes after the second
-    second: float = 8.0       # second block ~ second * first ... (factor, rounded to a power of two)
-    final_checks: int = 20    # clean random-half checks required before "done"
+    second: float = 16.0      # second block = second * first (rounded to a power of two) ...
+    second_high: float = 32.0  # ... or this factor from QBER high_qber on
+    high_qber: float = 0.04
+    growth: int = 6           # log2 of the block-size factor between main passes after the second
+    final_checks: int = 20    # clean random-subset checks required before "done"
     check_batch: int = 8      # extra checks asked per round when more are needed
     open_at: int = 0          # open the next pass once at most this many searches are still running
     checks_at_once: int = 1   # checks opened together once the main passes are settled
@@ -73,7 +80,8 @@ def schedule(n: int, qber: float, params: CascadeParams = CascadeParams()) -> li
     top = max(1, math.ceil(math.log2(n)) - 1)
     l1 = max(1, min(top, round(math.log2(params.alpha / q))))
     levels = [l1]
-    l2 = min(top, l1 + max(1, round(math.log2(params.second))))
+    factor = params.second_high if q >= params.high_qber else params.second
+    l2 = min(top, l1 + max(1, round(math.log2(factor))))
     if l2 < top:
         levels.append(l2)
         lv = l2 + params.growth
@@ -182,11 +190,41 @@ def _range_parity(bits, n, a, c, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def _node_parity(bits, words, n, pa, pc, pk, pmk, p, lo, hi):
-    """Parity of positions [lo, hi) of pass p (affine order, or the identity order restricted to a subset)."""
+def _wparity(w, lo, hi):
+    """Parity of bits [lo, hi) of the packed row ``w``."""
+    if lo >= hi:
+        return np.uint8(0)
+    w0 = lo >> 6
+    w1 = (hi - 1) >> 6
+    if w0 == w1:
+        return _fold(w[w0] & _span_mask(w0, lo, hi))
+    acc = w[w0] & _span_mask(w0, lo, hi) ^ w[w1] & _span_mask(w1, lo, hi)
+    for k in range(w0 + 1, w1):
+        acc ^= w[k]
+    return _fold(acc)
+
+
+@njit(cache=True, nogil=True)
+def _permute_pack(bits, n, a, c, out):
+    """Pack the key in the order of an affine pass: bit j of ``out`` is key bit (a*j + c) mod n."""
+    idx = c
+    for w in range(out.size):
+        acc = np.uint64(0)
+        for k in range(min(64, n - (w << 6))):
+            acc |= np.uint64(bits[idx]) << np.uint64(k)
+            idx += a
+            if idx >= n:
+                idx -= n
+        out[w] = acc
+
+
+@njit(cache=True, nogil=True)
+def _node_parity(W, words, n, pa, pc, pk, pmk, p, lo, hi):
+    """Parity of positions [lo, hi) of pass p: an affine pass reads its packed copy of the key in pass order
+    (row p of ``W``), a check the packed key restricted to its subset."""
     if pk[p]:
         return _subset_parity(words, n, pmk[p], lo, hi)
-    return _range_parity(bits, n, pa[p], pc[p], lo, min(hi, n))
+    return _wparity(W[p], lo, min(hi, n))
 
 
 @njit(cache=True, nogil=True)
@@ -199,32 +237,30 @@ def _node_empty(n, pk, pmk, p, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def _sweep_big(bits, n, pos, step, L, out):
-    for b in range(n):
-        out[pos >> L] ^= bits[b]
-        pos += step
-        if pos >= n:
-            pos -= n
-
-
-@njit(cache=True, nogil=True)
-def _all_top_parities(bits, words, n, pinv, pc, pL, pk, pmk, ptoff, pnb, p0, p1, out):
-    """Top-level parities of passes p0..p1-1 into ``out`` (flat, at ``ptoff``). An affine pass takes one
-    sequential sweep over the key (the position of bit b advances by a^-1 mod n from bit to bit); a subset pass
-    (check) one AND per 64-bit word."""
+def _all_top_parities(W, words, n, P, pmk, p0, p1, out):
+    """Top-level parities of passes p0..p1-1 into ``out`` (flat, at the pass offsets): an affine pass from its
+    packed copy (one XOR per word), a subset pass (check) one AND per word of the packed key."""
+    pL = P[3]
+    pk = P[4]
+    ptoff = P[5]
+    pnb = P[6]
     for p in range(p0, p1):
         o = ptoff[p]
         if pk[p]:
             out[o] = _subset_parity(words, n, pmk[p], 0, n)
             continue
-        pos = (pinv[p] * ((n - pc[p]) % n)) % n  # position of bit 0
-        out[o:o + pnb[p]] = 0
-        _sweep_big(bits, n, pos, pinv[p], pL[p], out[o:o + pnb[p]])
+        k = np.int64(1) << pL[p]
+        for t in range(pnb[p]):
+            out[o + t] = _wparity(W[p], t * k, min(n, (t + 1) * k))
 
 
 @njit(cache=True, nogil=True)
-def _answer(bits, words, n, pa, pc, pL, pk, pmk, qp, ql, qi, out):
+def _answer(W, words, n, P, pmk, qp, ql, qi, out):
     """Alice's parities of the nodes (qp, ql, qi) into ``out``; raises on a malformed query."""
+    pa = P[0]
+    pc = P[1]
+    pL = P[3]
+    pk = P[4]
     for q in range(qp.size):
         p = np.int64(qp[q])
         lv = np.int64(ql[q])
@@ -234,7 +270,7 @@ def _answer(bits, words, n, pa, pc, pL, pk, pmk, qp, ql, qi, out):
         lo = i << lv
         if i < 0 or lo >= n:
             raise ValueError("query outside the key")
-        out[q] = _node_parity(bits, words, n, pa, pc, pk, pmk, p, lo, lo + (np.int64(1) << lv))
+        out[q] = _node_parity(W, words, n, pa, pc, pk, pmk, p, lo, lo + (np.int64(1) << lv))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -289,11 +325,28 @@ def _ht_rehash(keys, vals, new_cap):
     return nk, nv
 
 
-@njit(cache=True, nogil=True)
-def _alice_known(p, lv, i, pL, ptoff, atop, keys, vals):
+@njit(cache=True, nogil=True, inline="always")
+def _kget(pk, D, LO, keys, vals, p, lv, i):
+    """Alice's parity of node (p, lv, i) if known, else -1: affine passes in the dense per-level table ``D``
+    (offsets ``LO[p, lv]``), checks in the hash table."""
+    if pk[p]:
+        return _ht_get(keys, vals, _key(p, lv, i))
+    return np.int64(D[LO[p, lv] + i])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _kput(pk, D, LO, keys, vals, hcount, p, lv, i, val):
+    if pk[p]:
+        _ht_put(keys, vals, hcount, _key(p, lv, i), val)
+    else:
+        D[LO[p, lv] + i] = val
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _known(p, lv, i, pL, pk, ptoff, atop, D, LO, keys, vals):
     if lv == pL[p]:
         return np.int64(atop[ptoff[p] + i])
-    return _ht_get(keys, vals, _key(p, lv, i))
+    return _kget(pk, D, LO, keys, vals, p, lv, i)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -306,13 +359,35 @@ def _top_of(b, n, p, pinv, pc, pL, pk, pmk):
 
 
 @njit(cache=True, nogil=True)
-def _bob_round(bits, words, n, pa, pc, pinv, pL, pk, pmk, ptoff, pnb, pfailed, st, atop, btop, tsearch, tstamp,
-               keys, vals, hcount, s_p, s_l, s_i, q_s, q_bl, answers, qp, ql, qi, flips):
+def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hcount, S, answers):
     """One step of Bob: apply Alice's answers, run every search as far as known parities allow, correct, cascade,
     open passes when the open ones are settled, and emit the next queries.
 
     ``st`` = [n_searches, n_queries, n_open, n_pass, stamp, corrections, open_at, n_main, checks_at_once]; updated
-    in place. Returns the number of queries written to (qp, ql, qi)."""
+    in place. ``P`` holds the pass rows (a, c, a^-1, L, kind, top offset, blocks), ``T`` the top-level rows (Alice's
+    parity, Bob's parity, search mark, touch stamp), ``S`` the search rows (pass, level, index; query -> search,
+    Bob's left parity; query pass, level, index; flips). Few arguments: numba's dispatch costs ~0.3 us each.
+    Returns the number of queries written to S[5:8]."""
+    pa = P[0]
+    pc = P[1]
+    pinv = P[2]
+    pL = P[3]
+    pk = P[4]
+    ptoff = P[5]
+    pnb = P[6]
+    atop = T[0]
+    btop = T[1]
+    tsearch = T[2]
+    tstamp = T[3]
+    s_p = S[0]
+    s_l = S[1]
+    s_i = S[2]
+    q_s = S[3]
+    q_bl = S[4]
+    qp = S[5]
+    ql = S[6]
+    qi = S[7]
+    flips = S[8]
     ns = st[0]
     nq = st[1]
     n_open = st[2]
@@ -327,19 +402,21 @@ def _bob_round(bits, words, n, pa, pc, pinv, pL, pk, pmk, ptoff, pnb, pfailed, s
         p = s_p[s]
         lv = s_l[s]
         i = s_i[s]
-        par = _alice_known(p, lv, i, pL, ptoff, atop, keys, vals)
+        par = _known(p, lv, i, pL, pk, ptoff, atop, D, LO, keys, vals)
         ans = np.int64(answers[q])
-        _ht_put(keys, vals, hcount, _key(p, lv - 1, 2 * i), ans)
-        _ht_put(keys, vals, hcount, _key(p, lv - 1, 2 * i + 1), par ^ ans)
+        _kput(pk, D, LO, keys, vals, hcount, p, lv - 1, 2 * i, ans)
+        _kput(pk, D, LO, keys, vals, hcount, p, lv - 1, 2 * i + 1, par ^ ans)
         if ans != q_bl[q]:
             s_i[s] = 2 * i
         else:
             s_i[s] = 2 * i + 1
         s_l[s] = lv - 1
+    d0 = 0
     while True:
-        # 2. descend every search through known nodes; a search at level 0 names a wrong bit
+        # 2. descend the searches through known nodes (after the first wave only the new ones: a search blocked at
+        #    an unknown node stays blocked until Alice answers); a search at level 0 names a wrong bit
         nf = 0
-        for s in range(ns):
+        for s in range(d0, ns):
             p = s_p[s]
             lv = s_l[s]
             i = s_i[s]
@@ -355,21 +432,21 @@ def _bob_round(bits, words, n, pa, pc, pinv, pL, pk, pmk, ptoff, pnb, pfailed, s
                 lo_l = 2 * i * half
                 lo_r = lo_l + half
                 if _node_empty(n, pk, pmk, p, lo_r, lo_r + half):  # right child empty: left = the node itself
-                    par = _alice_known(p, lv, i, pL, ptoff, atop, keys, vals)
-                    _ht_put(keys, vals, hcount, _key(p, lv - 1, 2 * i), par)
+                    par = _known(p, lv, i, pL, pk, ptoff, atop, D, LO, keys, vals)
+                    _kput(pk, D, LO, keys, vals, hcount, p, lv - 1, 2 * i, par)
                     lv -= 1
                     i = 2 * i
                     continue
                 if pk[p] and _node_empty(n, pk, pmk, p, lo_l, lo_r):  # left child empty: right = the node
-                    par = _alice_known(p, lv, i, pL, ptoff, atop, keys, vals)
-                    _ht_put(keys, vals, hcount, _key(p, lv - 1, 2 * i + 1), par)
+                    par = _known(p, lv, i, pL, pk, ptoff, atop, D, LO, keys, vals)
+                    _kput(pk, D, LO, keys, vals, hcount, p, lv - 1, 2 * i + 1, par)
                     lv -= 1
                     i = 2 * i + 1
                     continue
-                kl = _ht_get(keys, vals, _key(p, lv - 1, 2 * i))
+                kl = _kget(pk, D, LO, keys, vals, p, lv - 1, 2 * i)
                 if kl < 0:
                     break
-                bl = np.int64(_node_parity(bits, words, n, pa, pc, pk, pmk, p, lo_l, lo_r))
+                bl = np.int64(_node_parity(W, words, n, pa, pc, pk, pmk, p, lo_l, lo_r))
                 lv -= 1
                 i = 2 * i if bl != kl else 2 * i + 1
             s_l[s] = lv
@@ -394,6 +471,8 @@ def _bob_round(bits, words, n, pa, pc, pinv, pL, pk, pmk, ptoff, pnb, pfailed, s
                 n_open += 1
                 opened += 1
                 o = ptoff[p]
+                if pk[p]:  # checks do not track Bob's parity before they open
+                    btop[o] = _subset_parity(words, n, pmk[p], 0, n)
                 for t in range(pnb[p]):
                     if btop[o + t] != atop[o + t]:
                         s_p[ns] = p
@@ -403,6 +482,7 @@ def _bob_round(bits, words, n, pa, pc, pinv, pL, pk, pmk, ptoff, pnb, pfailed, s
                         ns += 1
             if ns == ns0 and ns > 0:
                 break  # nothing new: the live searches go on
+            d0 = ns0
             continue
         # 3. correct (once per bit) and toggle the top-level block of that bit in every pass
         fl = np.sort(flips[:nf])
@@ -417,9 +497,14 @@ def _bob_round(bits, words, n, pa, pc, pinv, pL, pk, pmk, ptoff, pnb, pfailed, s
             words[b >> 6] ^= np.uint64(1) << np.uint64(b & 63)
             st[5] += 1
             for p in range(n_pass):
-                tb = _top_of(b, n, p, pinv, pc, pL, pk, pmk)
-                if tb < 0:
-                    continue
+                if pk[p]:
+                    if p >= n_open or not _member(pmk[p], b, n):
+                        continue
+                    tb = np.int64(0)
+                else:
+                    pos = (pinv[p] * ((b - pc[p]) % n)) % n
+                    W[p, pos >> 6] ^= np.uint64(1) << np.uint64(pos & 63)
+                    tb = pos >> pL[p]
                 t = ptoff[p] + tb
                 btop[t] ^= 1
                 tstamp[t] = stamp
@@ -433,8 +518,8 @@ def _bob_round(bits, words, n, pa, pc, pinv, pL, pk, pmk, ptoff, pnb, pfailed, s
             if tstamp[t] != stamp:
                 continue
             lo = s_i[s] << lv
-            bp = np.int64(_node_parity(bits, words, n, pa, pc, pk, pmk, p, lo, lo + (np.int64(1) << lv)))
-            if bp == _alice_known(p, lv, s_i[s], pL, ptoff, atop, keys, vals):
+            bp = np.int64(_node_parity(W, words, n, pa, pc, pk, pmk, p, lo, lo + (np.int64(1) << lv)))
+            if bp == _known(p, lv, s_i[s], pL, pk, ptoff, atop, D, LO, keys, vals):
                 s_l[s] = -2
         m = 0
         for s in range(ns):
@@ -444,6 +529,7 @@ def _bob_round(bits, words, n, pa, pc, pinv, pL, pk, pmk, ptoff, pnb, pfailed, s
                 s_i[m] = s_i[s]
                 m += 1
         ns = m
+        d0 = ns
         # 5. new searches in odd blocks without one (only touched blocks can have changed); tsearch == stamp + 1
         #    marks "holds a live search" for this iteration
         for s in range(ns):
@@ -477,7 +563,7 @@ def _bob_round(bits, words, n, pa, pc, pinv, pL, pk, pmk, ptoff, pnb, pfailed, s
         ql[s] = lv - 1
         qi[s] = 2 * i
         q_s[s] = s
-        q_bl[s] = _node_parity(bits, words, n, pa, pc, pk, pmk, p, lo, lo + half)
+        q_bl[s] = _node_parity(W, words, n, pa, pc, pk, pmk, p, lo, lo + half)
     st[0] = ns
     st[1] = ns
     st[2] = n_open
@@ -528,6 +614,7 @@ class _Passes:
         self.pmk = np.concatenate([self.pmk, np.array(col[5], np.uint64)])
         self.ptoff = np.concatenate([self.ptoff, start + np.concatenate([[0], np.cumsum(nb)[:-1]]).astype(np.int64)])
         self.pnb = np.concatenate([self.pnb, nb])
+        self.P = np.ascontiguousarray(np.stack([self.pa, self.pc, self.pinv, self.pL, self.pk, self.ptoff, self.pnb]))
 
     @property
     def count(self) -> int:
@@ -537,11 +624,18 @@ class _Passes:
     def n_top(self) -> int:
         return int(self.ptoff[-1] + self.pnb[-1]) if self.count else 0
 
-    def tops(self, bits: np.ndarray, words: np.ndarray, p0: int) -> np.ndarray:
-        """Top-level parities of passes p0.. of the key (``bits`` and its packed ``words``), concatenated."""
+    def pack(self, bits: np.ndarray) -> np.ndarray:
+        """The key packed in the order of every affine pass (one uint64 row per pass)."""
+        nw = (self.n + 63) >> 6
+        W = np.zeros((max(1, self.n_main), nw), np.uint64)
+        for p in range(self.n_main):
+            _permute_pack(bits, self.n, int(self.pa[p]), int(self.pc[p]), W[p])
+        return W
+
+    def tops(self, W: np.ndarray, words: np.ndarray, p0: int) -> np.ndarray:
+        """Top-level parities of passes p0.. of the key (packed per pass: ``W``, packed plainly: ``words``)."""
         out = np.zeros(self.n_top, np.uint8)
-        _all_top_parities(bits, words, self.n, self.pinv, self.pc, self.pL, self.pk, self.pmk, self.ptoff, self.pnb,
-                          p0, self.count, out)
+        _all_top_parities(W, words, self.n, self.P, self.pmk, p0, self.count, out)
         return out[self.ptoff[p0]:] if p0 < self.count else out[:0]
 
     def sent_mask(self, p0: int) -> np.ndarray:
@@ -587,13 +681,14 @@ class CascadeAlice:
 
     def _tops(self, p0: int) -> np.ndarray:
         pp = self.passes
-        return pp.tops(self._bits, self._words, p0)[pp.sent_mask(p0)]
+        return pp.tops(self._W, self._words, p0)[pp.sent_mask(p0)]
 
     def start(self) -> Message:
         levels = schedule(self.n, self.qber, self.params)
         n_checks = self.params.final_checks
         self.passes.add(levels, n_checks)
         self.passes.n_main = len(levels)
+        self._W = self.passes.pack(self._bits)
         bits = self._tops(0)
         self.disclosed += bits.size
         return Message("cascade.start", {"n": self.n, "seed": self.seed, "qber": self.qber, "levels": levels,
@@ -609,8 +704,7 @@ class CascadeAlice:
             if not qp.ndim == ql.ndim == qi.ndim == 1 or not qp.size == ql.size == qi.size:
                 raise ValueError("cascade.query: arrays of different shapes")
             ans = np.empty(qp.size, np.uint8)
-            _answer(self._bits, self._words, self.n, pp.pa, pp.pc, pp.pL, pp.pk, pp.pmk, qp.astype(np.int64),
-                    ql.astype(np.int64), qi.astype(np.int64), ans)
+            _answer(self._W, self._words, self.n, pp.P, pp.pmk, qp, ql, qi, ans)
             self.disclosed += ans.size
             return Message("cascade.parities", disclosed=ans)
         if msg.kind == "cascade.more":
@@ -650,31 +744,29 @@ class CascadeBob:
     # -- state helpers
     def _grow_tops(self, tops_sent: np.ndarray, p0: int) -> None:
         pp = self.passes
-        grow = pp.n_top - self._atop.size
+        old = self._T.shape[1]
+        grow = pp.n_top - old
         keep = pp.sent_mask(p0)
         if tops_sent.size != int(np.count_nonzero(keep)):
             raise ValueError(f"expected {int(np.count_nonzero(keep))} parities, got {tops_sent.size}")
-        new = np.zeros(grow, np.int8)
+        new = np.zeros(grow, np.int64)
         new[keep] = tops_sent
         if p0 == 0:
             self._total = int(np.bitwise_xor.reduce(new[:int(pp.pnb[0])]))
-        base = int(pp.ptoff[p0]) if p0 < pp.count else 0
         for p in range(max(p0, 1), pp.count):  # inferred last blocks
             if not pp.pk[p]:
-                o, nb = int(pp.ptoff[p]) - base, int(pp.pnb[p])
+                o, nb = int(pp.ptoff[p]) - old, int(pp.pnb[p])
                 new[o + nb - 1] = self._total ^ int(np.bitwise_xor.reduce(new[o:o + nb - 1]))
-        self._atop = np.concatenate([self._atop, new])
-        self._btop = np.concatenate([self._btop, pp.tops(self._bits, self._words, p0).astype(np.int8)])
-        self._tsearch = np.concatenate([self._tsearch, np.zeros(grow, np.int64)])
-        self._tstamp = np.concatenate([self._tstamp, np.zeros(grow, np.int64)])
+        T = np.zeros((4, pp.n_top), np.int64)
+        T[:, :old] = self._T
+        T[0, old:] = new
+        T[1, old:] = pp.tops(self._W, self._words, p0)
+        self._T = T
         self._pfailed = np.concatenate([self._pfailed, np.zeros(pp.count - self._pfailed.size, np.int64)])
-        if self._s_p.size < pp.n_top:
-            cap = pp.n_top + 64
-            for name in ("_s_p", "_s_l", "_s_i", "_q_s", "_q_bl", "_qp", "_ql", "_qi", "_flips"):
-                old = getattr(self, name)
-                arr = np.zeros(cap, np.int64)
-                arr[:old.size] = old
-                setattr(self, name, arr)
+        if self._S.shape[1] < pp.n_top:
+            S = np.zeros((9, pp.n_top + 64), np.int64)
+            S[:, :self._S.shape[1]] = self._S
+            self._S = S
 
     def _ensure_table(self, extra: int) -> None:
         need = 2 * (int(self._hcount[0]) + extra) + 64
@@ -700,17 +792,21 @@ class CascadeBob:
             self.passes = _Passes(self.n, int(m["seed"]))
             self.passes.n_main = len(levels)
             self.passes.add(levels, checks)
-            self._atop = np.zeros(0, np.int8)
-            self._btop = np.zeros(0, np.int8)
-            self._tsearch = np.zeros(0, np.int64)
-            self._tstamp = np.zeros(0, np.int64)
+            self._W = self.passes.pack(self._bits)
+            self._T = np.zeros((4, 0), np.int64)
+            self._S = np.zeros((9, 0), np.int64)
             self._pfailed = np.zeros(0, np.int64)
-            for name in ("_s_p", "_s_l", "_s_i", "_q_s", "_q_bl", "_qp", "_ql", "_qi", "_flips"):
-                setattr(self, name, np.zeros(0, np.int64))
-            q = min(max(float(m.get("qber", 0.05)), 1e-3), 0.25)
-            cap = 1 << max(12, min(26, math.ceil(math.log2(6 * self.n * binary_entropy(q) + 1))))
-            self._keys = np.full(cap, -1, np.int64)
-            self._vals = np.zeros(cap, np.int8)
+            # known parities below the top level: affine passes in a dense table per (pass, level), checks (few
+            # searches, ~log2 n levels each) in a hash table
+            self._LO = np.zeros((max(1, len(levels)), 64), np.int64)
+            off = 0
+            for p, lv in enumerate(levels):
+                for lvl in range(lv):
+                    self._LO[p, lvl] = off
+                    off += (self.n + (1 << lvl) - 1) >> lvl
+            self._D = np.full(off, -1, np.int8)
+            self._keys = np.full(1 << 12, -1, np.int64)
+            self._vals = np.zeros(1 << 12, np.int8)
             self._hcount = np.zeros(1, np.int64)
             self._st = np.zeros(9, np.int64)
             self._st[6] = self.params.open_at
@@ -736,18 +832,17 @@ class CascadeBob:
     def _step(self, answers: np.ndarray) -> Message:
         if answers.size != self._st[1]:
             raise ValueError(f"expected {self._st[1]} parities, got {answers.size}")
-        self._ensure_table(2 * answers.size + 64 * self.passes.count)
+        self._ensure_table(70 * self.passes.count)  # hash entries: checks only, one search each, < 64 levels
         pp = self.passes
         self.rounds += 1
-        nq = _bob_round(self._bits, self._words, self.n, pp.pa, pp.pc, pp.pinv, pp.pL, pp.pk, pp.pmk, pp.ptoff,
-                        pp.pnb, self._pfailed, self._st, self._atop, self._btop, self._tsearch, self._tstamp,
-                        self._keys, self._vals, self._hcount, self._s_p, self._s_l, self._s_i, self._q_s, self._q_bl,
-                        answers, self._qp, self._ql, self._qi, self._flips)
+        nq = _bob_round(self._bits, self._words, self._W, self.n, pp.P, pp.pmk, self._pfailed, self._st, self._T, self._D,
+                        self._LO, self._keys,
+                        self._vals, self._hcount, self._S, answers)
         self.corrections = int(self._st[5])
         if nq:
-            return Message("cascade.query", arrays={"p": self._qp[:nq].astype(np.uint16),
-                                                    "l": self._ql[:nq].astype(np.uint8),
-                                                    "i": self._qi[:nq].astype(np.uint32)})
+            S = self._S
+            return Message("cascade.query", arrays={"p": S[5, :nq].astype(np.uint16), "l": S[6, :nq].astype(np.uint8),
+                                                    "i": S[7, :nq].astype(np.uint32)})
         clean = int(np.count_nonzero(self._pfailed[pp.n_main:] == 0))
         if clean < self.params.final_checks:
             count = min(64, max(self.params.check_batch, self.params.final_checks - clean))

@@ -90,22 +90,39 @@ def encode(msg: Message) -> bytes:
     return b"".join([struct.pack("<I", len(header)), header, *chunks, bits])
 
 
+_HEADERS: dict[bytes, dict] = {}  # parsed meta-less headers (they repeat: same kinds, counts and shapes)
+
+
 def decode(data: bytes) -> Message:
-    (hlen,) = struct.unpack_from("<I", data, 0)
-    header = json.loads(data[4:4 + hlen])
-    off = 4 + hlen
-    arrays = {}
-    for name, dtype, shape in header["arrays"]:
-        if dtype not in _BY_NAME:
-            raise ValueError(f"array {name!r}: dtype {dtype!r} not allowed on the wire")
-        native, dt = _BY_NAME[dtype]
-        count = math.prod(shape) if shape else 1
-        if count < 0 or off + count * dt.itemsize > len(data):
-            raise ValueError(f"message {header['kind']!r}: array {name!r} runs past the end")
-        a = np.frombuffer(data, dtype=dt, count=count, offset=off)
-        arrays[name] = (a.copy() if _LITTLE else a.astype(native)).reshape(shape)
-        off += count * dt.itemsize
-    nbits = header["nbits"]
+    """Parse one message; any malformed input raises ValueError."""
+    try:
+        (hlen,) = struct.unpack_from("<I", data, 0)
+        raw = bytes(data[4:4 + hlen])
+        header = _HEADERS.get(raw)
+        if header is None:
+            header = json.loads(raw.decode())
+            if not isinstance(header, dict) or not isinstance(header["kind"], str) \
+                    or not isinstance(header["meta"], dict) or not isinstance(header["nbits"], int) \
+                    or header["nbits"] < 0:
+                raise ValueError("bad header")
+            if not header["meta"] and len(_HEADERS) < 4096:
+                _HEADERS[raw] = header
+        off = 4 + hlen
+        arrays = {}
+        for name, dtype, shape in header["arrays"]:
+            if dtype not in _BY_NAME:
+                raise ValueError(f"array {name!r}: dtype {dtype!r} not allowed on the wire")
+            native, dt = _BY_NAME[dtype]
+            count = math.prod(shape) if shape else 1
+            if count < 0 or off + count * dt.itemsize > len(data):
+                raise ValueError(f"message {header['kind']!r}: array {name!r} runs past the end")
+            a = np.frombuffer(data, dtype=dt, count=count, offset=off)
+            arrays[name] = (a.copy() if _LITTLE else a.astype(native)).reshape(shape)
+            off += count * dt.itemsize
+        nbits = header["nbits"]
+        meta = dict(header["meta"]) if header["meta"] else {}
+    except (KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed message: {e!r}") from None
     disclosed = None
     nbytes = (nbits + 7) // 8
     if len(data) - off != nbytes:
@@ -113,7 +130,7 @@ def decode(data: bytes) -> Message:
     if nbits:
         packed = np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=off)
         disclosed = _UNPACK[packed].reshape(-1)[:nbits].copy()
-    return Message(header["kind"], header["meta"], arrays, disclosed)
+    return Message(header["kind"], meta, arrays, disclosed)
 
 
 @dataclass
