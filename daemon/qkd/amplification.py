@@ -12,10 +12,22 @@ GF(2) (the *middle product*). So the hash is one carry-less polynomial multiplic
 
 * ``method="clmul"`` (default): ``T`` is cut into square Toeplitz blocks of ``N`` words; each block product
   uses the Karatsuba-style Toeplitz split (three half-size products, i.e. the transposed Karatsuba middle
-  product) down to a product-scanning schoolbook base case whose 64x64-bit carry-less products use the CPU's
-  ``PCLMULQDQ`` instruction (an LLVM intrinsic called from numba; a portable shift-and-xor multiply when the
-  CPU lacks it).
-  Exact by construction: every operation is XOR/AND/carry-less multiply in GF(2), nothing is rounded.
+  product) down to a schoolbook base case of at most :data:`BASE_WORDS` words. The seed is placed so that every
+  block is word-aligned (``T[i, j] = u[i - j + 64N]``: no bit shifts anywhere). The base case runs on one of
+  the kernels of :data:`KERNELS`, picked at import from the CPU numba compiles for (:func:`available_kernels`,
+  override: ``QNETD_PA_KERNEL``, ``QNETD_NO_PCLMUL=1``, :func:`set_kernel`):
+
+  - ``vpclmul512`` / ``vpclmul256`` / ``pclmul``: ``VPCLMULQDQ`` on 512- or 256-bit vectors, or
+    ``PCLMULQDQ`` on 128 bits, through LLVM intrinsics generated in numba (:func:`_vbase`): per key word one
+    broadcast, per vector of seed words two carry-less multiplies (even and odd words of each 128-bit lane),
+    accumulators in registers (8 or 16 output words at a time);
+  - ``portable``: no carry-less instruction; per key word a 256-entry table of its products with every byte,
+    seed words multiplied byte by byte.
+
+  Each kernel is a separate numba specialisation (selected by the type of a token argument), so code for an
+  instruction set the CPU lacks is never compiled. Exact by construction: every operation is XOR, AND, shift
+  or carry-less multiply in GF(2); nothing is rounded.
+* :func:`toeplitz_hash_words`: the same on packed 64-bit words (no bit-array conversions).
 * ``method="fft"``: one cyclic float64 convolution (``numpy.fft``, 1 bit per element) of length ``N >= n+m-1``
   (wrap-around lands only on coefficients not read); the integer sums are at most ``n``, rounded and reduced
   mod 2. Exactness is checked a posteriori: every result must lie within 0.25 of an integer, else
