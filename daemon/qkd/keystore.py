@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "SCHEMA_VERSION",
     "SIDES",
+    "BadKeyRequest",
     "BlockStats",
     "KeyConsumed",
     "KeyNotFound",
@@ -109,6 +110,10 @@ class KeyConsumed(KeyStoreError):
 
 class NotEnoughKeys(KeyStoreError):
     pass
+
+
+class BadKeyRequest(KeyStoreError, ValueError):
+    """A delivery request the store refuses as such (no IDs, the same ID twice); nothing is consumed."""
 
 
 @dataclass(frozen=True)
@@ -499,9 +504,9 @@ class KeyStore:
         ID is :class:`KeyConsumed`, one unknown or pending ID :class:`KeyNotFound`, and nothing is consumed."""
         kids = [_key_id(k) for k in key_ids]
         if not kids:
-            raise ValueError("no key IDs")
+            raise BadKeyRequest("no key IDs")
         if len(set(kids)) != len(kids):
-            raise ValueError("the same key ID twice in one request")
+            raise BadKeyRequest("the same key ID twice in one request")
         with self._tx() as db:
             rows = []
             for kid in kids:

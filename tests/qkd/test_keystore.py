@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.qkd.keystore import (SCHEMA_VERSION, BlockStats, KeyConsumed, KeyNotFound, KeyStore, KeyStoreCorrupt,
-                                 KeyStoreError, KeyStoreLocked, LinkKeyStores, NotEnoughKeys, StoredKey)
+from daemon.qkd.keystore import (SCHEMA_VERSION, BadKeyRequest, BlockStats, KeyConsumed, KeyNotFound, KeyStore,
+                                 KeyStoreCorrupt, KeyStoreError, KeyStoreLocked, LinkKeyStores, NotEnoughKeys,
+                                 StoredKey)
 
 KEYSTORE_PY = Path(__file__).resolve().parents[2] / "daemon" / "qkd" / "keystore.py"
 ST = BlockStats(block_id="b1", n_sifted=100000, qber_z=0.021, qber_x=0.03, leak_ec=15000, f=1.05, eps_sec=1e-10,
@@ -378,8 +379,10 @@ def test_batches_add_many_and_get_by_ids(tmp_path, monkeypatch):
             ls.alice.get_by_ids([ids[0], ids[1]])
         with pytest.raises(KeyNotFound):
             ls.alice.get_by_ids([ids[0], new_id()])
-        with pytest.raises(ValueError):
+        with pytest.raises(BadKeyRequest, match="twice"):  # a KeyStoreError and a ValueError
             ls.alice.get_by_ids([ids[0], ids[0]])
+        with pytest.raises(KeyStoreError):
+            ls.alice.get_by_ids([])
         with pytest.raises(ValueError):
             ls.alice.get_by_ids([])
         assert ls.alice.state_of(ids[0]) == "ready"  # nothing consumed by the failed calls
