@@ -20,7 +20,7 @@ GF(2) (the *middle product*). So the hash is one carry-less polynomial multiplic
   - ``vpclmul512`` / ``vpclmul256`` / ``pclmul``: ``VPCLMULQDQ`` on 512- or 256-bit vectors, or
     ``PCLMULQDQ`` on 128 bits, through LLVM intrinsics generated in numba (:func:`_vbase`): per key word one
     broadcast, per vector of seed words two carry-less multiplies (even and odd words of each 128-bit lane),
-    accumulators in registers (8 or 16 output words at a time);
+    accumulators in registers (2W output words at a time, W = 8, 4, 2 words per vector);
   - ``portable``: no carry-less instruction; per key word a 256-entry table of its products with every byte,
     seed words multiplied byte by byte.
 
@@ -80,7 +80,7 @@ _WIDTH = {8: 0, 16: 2, 32: 4, 64: 8}  # token bit width -> uint64 words per vect
 _NEEDS = {"vpclmul512": {"vpclmulqdq", "avx512f"}, "vpclmul256": {"vpclmulqdq", "avx"}, "pclmul": {"pclmul"},
           "portable": set()}
 # base-case size (words) below which the Karatsuba split stops, per kernel; measured (docs/qkd-keys.md)
-BASE_WORDS = {"vpclmul512": 128, "vpclmul256": 128, "pclmul": 96, "portable": 16}
+BASE_WORDS = {"vpclmul512": 128, "vpclmul256": 64, "pclmul": 96, "portable": 16}
 
 
 def _cpu_features() -> set[str]:
@@ -170,7 +170,7 @@ def _vbase(typingctx, mode, t, x, n, p):  # pragma: no cover - compiled
     Reads t[0 .. 2n + S - 2]: the caller guarantees S - 1 readable words past t[2n - 1] (their values only reach
     Q_k with k > 2n - 1, i.e. product words >= 2n, which are not used); x is read in range."""
     W = _WIDTH[mode.bitwidth]
-    R = 4 if W <= 4 else 2
+    R = 2  # vectors per pass (measured: more does not help; the multiplier port is the limit)
     S = R * W
     sig = types.void(mode, t, x, n, p)
 
