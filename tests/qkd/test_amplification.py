@@ -124,6 +124,19 @@ def test_large_random_cases_match_fft(n, m):
     assert np.array_equal(pa.toeplitz_hash(x, s, m), pa.toeplitz_hash_fft(x, s, m))
 
 
+@pytest.mark.parametrize("k", [k for k in KERNELS if k != "portable"])
+def test_random_medium_sizes_against_fft(k):
+    # block sizes N = U * 2**j with odd and even U, 1..many column blocks, m from tiny to n
+    rng = np.random.default_rng(23)
+    for _ in range(12):
+        n = int(rng.integers(1_000, 200_000))
+        m = int(rng.choice([rng.integers(1, 200), rng.integers(1, n + 1), n]))
+        x = (rng.random(n) < rng.choice([0.5, 0.01])).astype(np.uint8)
+        s = pa.new_seed(n, m)
+        got = pa.toeplitz_hash_words(pa.pack_bits(x), n, pa.pack_bits(s), m, kernel=k)
+        assert np.array_equal(got, pa.pack_bits(pa.toeplitz_hash_fft(x, s, m))), (n, m)
+
+
 @pytest.mark.parametrize("k", KERNELS)
 def test_every_kernel_on_a_large_case(k):
     n, m = (300_001, 150_000) if k != "portable" else (40_000, 20_001)
