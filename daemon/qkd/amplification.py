@@ -44,9 +44,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from llvmlite import ir
 from numba.extending import intrinsic, overload
 
 __all__ = [
@@ -434,7 +434,8 @@ def toeplitz_hash_words(key_words: np.ndarray, n: int, seed_words: np.ndarray, m
         raise AmplificationError(f"output length m={m} exceeds the input length n={n}")
     kernel = KERNEL if kernel is None else kernel
     if kernel not in available_kernels():
-        raise AmplificationError(f"kernel {kernel!r} not available on this CPU (have: {', '.join(available_kernels())})")
+        raise AmplificationError(f"kernel {kernel!r} not available on this CPU "
+                                 f"(have: {', '.join(available_kernels())})")
     xw_in = _as_words(key_words, n, "key_words")
     sw_in = _as_words(seed_words, n + m - 1, "seed_words")
     base = BASE_WORDS[kernel]

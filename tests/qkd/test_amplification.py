@@ -84,7 +84,8 @@ def test_word_entry_point_ignores_bits_past_the_ends_and_clears_the_tail(kernel)
         sw = np.concatenate([sw, np.full(3, ~np.uint64(0))])  # extra words: ignored
         y = pa.toeplitz_hash_words(xw, n, sw, m)
         assert y.dtype == np.uint64 and y.size == (m + 63) // 64
-        assert np.array_equal(pa.unpack_bits(y, 64 * y.size), np.concatenate([want, np.zeros(64 * y.size - m, np.uint8)]))
+        tail = np.zeros(64 * y.size - m, np.uint8)
+        assert np.array_equal(pa.unpack_bits(y, 64 * y.size), np.concatenate([want, tail]))
         assert np.array_equal(pa.toeplitz_hash(x, s, m), want)
 
 
