@@ -105,9 +105,6 @@ def pass_params(seed: int, p: int, n: int) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------------------------------- kernels
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
 @njit(cache=True, nogil=True, inline="always")
 def _mix(z):
     """splitmix64 finaliser (a bijection of uint64)."""
@@ -138,7 +135,7 @@ def _span_mask(w, lo, hi):
     return m
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _fold(acc):
     acc ^= acc >> np.uint64(32)
     acc ^= acc >> np.uint64(16)
@@ -149,7 +146,7 @@ def _fold(acc):
     return np.uint8(acc & np.uint64(1))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _subset_parity(words, n, mk, lo, hi):
     """Parity of the key bits with index in [lo, hi) that belong to the subset ``mk``: one AND per word."""
     hi = min(hi, n)
@@ -161,7 +158,7 @@ def _subset_parity(words, n, mk, lo, hi):
     return _fold(acc)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _subset_empty(n, mk, lo, hi):
     hi = min(hi, n)
     if lo >= hi:
@@ -177,30 +174,19 @@ def _member(mk, b, n):
     return (_mask_word(mk, b >> 6, n) >> np.uint64(b & 63)) & np.uint64(1)
 
 
-@njit(cache=True, nogil=True)
-def _range_parity(bits, n, a, c, lo, hi):
-    idx = (a * lo + c) % n
-    s = np.uint8(0)
-    for _ in range(lo, hi):
-        s ^= bits[idx]
-        idx += a
-        if idx >= n:
-            idx -= n
-    return s
-
-
-@njit(cache=True, nogil=True)
-def _wparity(w, lo, hi):
-    """Parity of bits [lo, hi) of the packed row ``w``."""
+@njit(cache=True, nogil=True, inline="always")
+def _wparity(W, p, lo, hi):
+    """Parity of bits [lo, hi) of the packed row ``W[p]`` (indexed in place: a row view would cost a reference
+    count update per call)."""
     if lo >= hi:
         return np.uint8(0)
     w0 = lo >> 6
     w1 = (hi - 1) >> 6
     if w0 == w1:
-        return _fold(w[w0] & _span_mask(w0, lo, hi))
-    acc = w[w0] & _span_mask(w0, lo, hi) ^ w[w1] & _span_mask(w1, lo, hi)
+        return _fold(W[p, w0] & _span_mask(w0, lo, hi))
+    acc = W[p, w0] & _span_mask(w0, lo, hi) ^ W[p, w1] & _span_mask(w1, lo, hi)
     for k in range(w0 + 1, w1):
-        acc ^= w[k]
+        acc ^= W[p, k]
     return _fold(acc)
 
 
@@ -219,24 +205,6 @@ def _permute_pack(bits, n, a, c, out):
 
 
 @njit(cache=True, nogil=True)
-def _node_parity(W, words, n, pa, pc, pk, pmk, p, lo, hi):
-    """Parity of positions [lo, hi) of pass p: an affine pass reads its packed copy of the key in pass order
-    (row p of ``W``), a check the packed key restricted to its subset."""
-    if pk[p]:
-        return _subset_parity(words, n, pmk[p], lo, hi)
-    return _wparity(W[p], lo, min(hi, n))
-
-
-@njit(cache=True, nogil=True)
-def _node_empty(n, pk, pmk, p, lo, hi):
-    if lo >= n:
-        return True
-    if pk[p]:
-        return _subset_empty(n, pmk[p], lo, hi)
-    return False
-
-
-@njit(cache=True, nogil=True)
 def _all_top_parities(W, words, n, P, pmk, p0, p1, out):
     """Top-level parities of passes p0..p1-1 into ``out`` (flat, at the pass offsets): an affine pass from its
     packed copy (one XOR per word), a subset pass (check) one AND per word of the packed key."""
@@ -251,26 +219,53 @@ def _all_top_parities(W, words, n, P, pmk, p0, p1, out):
             continue
         k = np.int64(1) << pL[p]
         for t in range(pnb[p]):
-            out[o + t] = _wparity(W[p], t * k, min(n, (t + 1) * k))
+            out[o + t] = _wparity(W, p, t * k, min(n, (t + 1) * k))
 
 
 @njit(cache=True, nogil=True)
 def _answer(W, words, n, P, pmk, qp, ql, qi, out):
-    """Alice's parities of the nodes (qp, ql, qi) into ``out``; raises on a malformed query."""
-    pa = P[0]
-    pc = P[1]
+    """Alice's parities of the nodes (qp, ql, qi) into ``out``; raises on a malformed query. (Written out, not
+    through helpers taking arrays: numba updates reference counts per array argument, ~10 ns each.)"""
     pL = P[3]
     pk = P[4]
+    npass = P.shape[1]
     for q in range(qp.size):
         p = np.int64(qp[q])
         lv = np.int64(ql[q])
         i = np.int64(qi[q])
-        if p < 0 or p >= pa.size or lv < 0 or lv >= pL[p]:
+        if p < 0 or p >= npass or lv < 0 or lv >= pL[p]:
             raise ValueError("query outside the passes")
         lo = i << lv
         if i < 0 or lo >= n:
             raise ValueError("query outside the key")
-        out[q] = _node_parity(W, words, n, pa, pc, pk, pmk, p, lo, lo + (np.int64(1) << lv))
+        hi = lo + (np.int64(1) << lv)
+        if pk[p]:
+            out[q] = _subset_parity(words, n, pmk[p], lo, hi)
+        else:
+            out[q] = _wparity(W, p, lo, min(hi, n))
+
+
+@njit(cache=True, nogil=True)
+def _answer_packed(W, words, n, P, pmk, qk, out):
+    """The same for packed nodes ``p << 40 | l << 32 | i`` (uint64)."""
+    pL = P[3]
+    pk = P[4]
+    npass = P.shape[1]
+    for q in range(qk.size):
+        k = qk[q]
+        p = np.int64(k >> np.uint64(40))
+        lv = np.int64((k >> np.uint64(32)) & np.uint64(255))
+        i = np.int64(k & np.uint64(0xFFFFFFFF))
+        if p >= npass or lv >= pL[p]:
+            raise ValueError("query outside the passes")
+        lo = i << lv
+        if lo >= n:
+            raise ValueError("query outside the key")
+        hi = lo + (np.int64(1) << lv)
+        if pk[p]:
+            out[q] = _subset_parity(words, n, pmk[p], lo, hi)
+        else:
+            out[q] = _wparity(W, p, lo, min(hi, n))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -284,7 +279,7 @@ def _slot(key, mask):
     return np.int64((h >> np.uint64(20)) & np.uint64(mask))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _ht_get(keys, vals, key):
     mask = keys.size - 1
     s = _slot(key, mask)
@@ -297,7 +292,7 @@ def _ht_get(keys, vals, key):
         s = (s + 1) & mask
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _ht_put(keys, vals, count, key, val):
     mask = keys.size - 1
     s = _slot(key, mask)
@@ -325,39 +320,6 @@ def _ht_rehash(keys, vals, new_cap):
     return nk, nv
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _kget(pk, D, LO, keys, vals, p, lv, i):
-    """Alice's parity of node (p, lv, i) if known, else -1: affine passes in the dense per-level table ``D``
-    (offsets ``LO[p, lv]``), checks in the hash table."""
-    if pk[p]:
-        return _ht_get(keys, vals, _key(p, lv, i))
-    return np.int64(D[LO[p, lv] + i])
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _kput(pk, D, LO, keys, vals, hcount, p, lv, i, val):
-    if pk[p]:
-        _ht_put(keys, vals, hcount, _key(p, lv, i), val)
-    else:
-        D[LO[p, lv] + i] = val
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _known(p, lv, i, pL, pk, ptoff, atop, D, LO, keys, vals):
-    if lv == pL[p]:
-        return np.int64(atop[ptoff[p] + i])
-    return _kget(pk, D, LO, keys, vals, p, lv, i)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _top_of(b, n, p, pinv, pc, pL, pk, pmk):
-    """Index of the top-level block of pass p that holds bit b, or -1 (bit not in the subset of a check)."""
-    if pk[p]:
-        return np.int64(0) if _member(pmk[p], b, n) else np.int64(-1)
-    pos = (pinv[p] * ((b - pc[p]) % n)) % n
-    return pos >> pL[p]
-
-
 @njit(cache=True, nogil=True)
 def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hcount, S, answers):
     """One step of Bob: apply Alice's answers, run every search as far as known parities allow, correct, cascade,
@@ -367,7 +329,7 @@ def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hco
     in place. ``P`` holds the pass rows (a, c, a^-1, L, kind, top offset, blocks), ``T`` the top-level rows (Alice's
     parity, Bob's parity, search mark, touch stamp), ``S`` the search rows (pass, level, index; query -> search,
     Bob's left parity; query pass, level, index; flips). Few arguments: numba's dispatch costs ~0.3 us each.
-    Returns the number of queries written to S[5:8]."""
+    Returns the number of queries written to S[5] (packed ``p << 40 | l << 32 | i``)."""
     pa = P[0]
     pc = P[1]
     pinv = P[2]
@@ -385,8 +347,6 @@ def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hco
     q_s = S[3]
     q_bl = S[4]
     qp = S[5]
-    ql = S[6]
-    qi = S[7]
     flips = S[8]
     ns = st[0]
     nq = st[1]
@@ -402,15 +362,22 @@ def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hco
         p = s_p[s]
         lv = s_l[s]
         i = s_i[s]
-        par = _known(p, lv, i, pL, pk, ptoff, atop, D, LO, keys, vals)
         ans = np.int64(answers[q])
-        _kput(pk, D, LO, keys, vals, hcount, p, lv - 1, 2 * i, ans)
-        _kput(pk, D, LO, keys, vals, hcount, p, lv - 1, 2 * i + 1, par ^ ans)
+        if pk[p]:
+            par = _ht_get(keys, vals, _key(p, lv, i)) if lv < pL[p] else np.int64(atop[ptoff[p] + i])
+            _ht_put(keys, vals, hcount, _key(p, lv - 1, 2 * i), ans)
+            _ht_put(keys, vals, hcount, _key(p, lv - 1, 2 * i + 1), par ^ ans)
+        else:
+            par = np.int64(D[LO[p, lv] + i]) if lv < pL[p] else np.int64(atop[ptoff[p] + i])
+            o = LO[p, lv - 1] + 2 * i
+            D[o] = ans
+            D[o + 1] = par ^ ans
         if ans != q_bl[q]:
             s_i[s] = 2 * i
         else:
             s_i[s] = 2 * i + 1
         s_l[s] = lv - 1
+    live = ns  # searches with s_l >= 0 (dead ones stay in place until the compaction at the end of the round)
     d0 = 0
     while True:
         # 2. descend the searches through known nodes (after the first wave only the new ones: a search blocked at
@@ -426,42 +393,42 @@ def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hco
                 if lv == 0:
                     flips[nf] = (pa[p] * i + pc[p]) % n
                     nf += 1
+                    tsearch[ptoff[p] + (i >> pL[p])] = 0
+                    live -= 1
                     lv = -1
                     break
                 half = np.int64(1) << (lv - 1)
                 lo_l = 2 * i * half
                 lo_r = lo_l + half
-                if _node_empty(n, pk, pmk, p, lo_r, lo_r + half):  # right child empty: left = the node itself
-                    par = _known(p, lv, i, pL, pk, ptoff, atop, D, LO, keys, vals)
-                    _kput(pk, D, LO, keys, vals, hcount, p, lv - 1, 2 * i, par)
-                    lv -= 1
-                    i = 2 * i
-                    continue
-                if pk[p] and _node_empty(n, pk, pmk, p, lo_l, lo_r):  # left child empty: right = the node
-                    par = _known(p, lv, i, pL, pk, ptoff, atop, D, LO, keys, vals)
-                    _kput(pk, D, LO, keys, vals, hcount, p, lv - 1, 2 * i + 1, par)
-                    lv -= 1
-                    i = 2 * i + 1
-                    continue
-                kl = _kget(pk, D, LO, keys, vals, p, lv - 1, 2 * i)
-                if kl < 0:
-                    break
-                bl = np.int64(_node_parity(W, words, n, pa, pc, pk, pmk, p, lo_l, lo_r))
+                if pk[p]:  # a check: children may be empty (no subset member), known parities hashed
+                    if _subset_empty(n, pmk[p], lo_r, lo_r + half) or _subset_empty(n, pmk[p], lo_l, lo_r):
+                        # one child empty: the other is the node itself
+                        par = _ht_get(keys, vals, _key(p, lv, i)) if lv < pL[p] else np.int64(atop[ptoff[p] + i])
+                        i = 2 * i if _subset_empty(n, pmk[p], lo_r, lo_r + half) else 2 * i + 1
+                        lv -= 1
+                        _ht_put(keys, vals, hcount, _key(p, lv, i), par)
+                        continue
+                    kl = _ht_get(keys, vals, _key(p, lv - 1, 2 * i))
+                    if kl < 0:
+                        break
+                    bl = np.int64(_subset_parity(words, n, pmk[p], lo_l, lo_r))
+                else:
+                    if lo_r >= n:  # right child empty: left = the node itself
+                        par = np.int64(D[LO[p, lv] + i]) if lv < pL[p] else np.int64(atop[ptoff[p] + i])
+                        D[LO[p, lv - 1] + 2 * i] = par
+                        lv -= 1
+                        i = 2 * i
+                        continue
+                    kl = np.int64(D[LO[p, lv - 1] + 2 * i])
+                    if kl < 0:
+                        break
+                    bl = np.int64(_wparity(W, p, lo_l, lo_r))
                 lv -= 1
                 i = 2 * i if bl != kl else 2 * i + 1
             s_l[s] = lv
             s_i[s] = i
         if nf == 0:
-            # compact out finished searches
-            m = 0
-            for s in range(ns):
-                if s_l[s] >= 0:
-                    s_p[m] = s_p[s]
-                    s_l[m] = s_l[s]
-                    s_i[m] = s_i[s]
-                    m += 1
-            ns = m
-            if ns > open_at or n_open >= n_pass:
+            if live > open_at or n_open >= n_pass:
                 break
             # the open passes are (nearly) settled: open the next pass (checks: several at once)
             opened = 0
@@ -478,9 +445,11 @@ def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hco
                         s_p[ns] = p
                         s_l[ns] = pL[p]
                         s_i[ns] = t
+                        tsearch[o + t] = ns + 1
                         pfailed[p] = 1
                         ns += 1
-            if ns == ns0 and ns > 0:
+                        live += 1
+            if ns == ns0 and live > 0:
                 break  # nothing new: the live searches go on
             d0 = ns0
             continue
@@ -505,53 +474,62 @@ def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hco
                     pos = (pinv[p] * ((b - pc[p]) % n)) % n
                     W[p, pos >> 6] ^= np.uint64(1) << np.uint64(pos & 63)
                     tb = pos >> pL[p]
-                t = ptoff[p] + tb
-                btop[t] ^= 1
-                tstamp[t] = stamp
-        # 4. searches whose block was touched: still odd at their node? otherwise drop them
-        for s in range(ns):
-            p = s_p[s]
-            lv = s_l[s]
-            if lv < 0:
-                continue
-            t = ptoff[p] + (s_i[s] >> (pL[p] - lv))
-            if tstamp[t] != stamp:
-                continue
-            lo = s_i[s] << lv
-            bp = np.int64(_node_parity(W, words, n, pa, pc, pk, pmk, p, lo, lo + (np.int64(1) << lv)))
-            if bp == _known(p, lv, s_i[s], pL, pk, ptoff, atop, D, LO, keys, vals):
-                s_l[s] = -2
-        m = 0
-        for s in range(ns):
-            if s_l[s] >= 0:
-                s_p[m] = s_p[s]
-                s_l[m] = s_l[s]
-                s_i[m] = s_i[s]
-                m += 1
-        ns = m
+                btop[ptoff[p] + tb] ^= 1
+        # 4. the live search (if any) of every block a correction touched: still odd at its node? else drop it.
+        # 5. then a new search in every touched block that is odd and has none (tsearch[t] = search + 1, or 0)
         d0 = ns
-        # 5. new searches in odd blocks without one (only touched blocks can have changed); tsearch == stamp + 1
-        #    marks "holds a live search" for this iteration
-        for s in range(ns):
-            p = s_p[s]
-            tsearch[ptoff[p] + (s_i[s] >> (pL[p] - s_l[s]))] = stamp + 1
-        for f in range(nf):
-            b = fl[f]
-            if f > 0 and b == fl[f - 1]:
-                continue
-            for p in range(n_open):
-                tb = _top_of(b, n, p, pinv, pc, pL, pk, pmk)
-                if tb < 0:
+        for step in range(2):
+            prev = -1
+            for f in range(nf):
+                b = fl[f]
+                if b == prev:
                     continue
-                t = ptoff[p] + tb
-                if tsearch[t] != stamp + 1 and btop[t] != atop[t]:
-                    tsearch[t] = stamp + 1
-                    s_p[ns] = p
-                    s_l[ns] = pL[p]
-                    s_i[ns] = tb
-                    pfailed[p] = 1
-                    ns += 1
-        stamp += 1
+                prev = b
+                for p in range(n_open):
+                    if pk[p]:
+                        if not _member(pmk[p], b, n):
+                            continue
+                        tb = np.int64(0)
+                    else:
+                        tb = ((pinv[p] * ((b - pc[p]) % n)) % n) >> pL[p]
+                    t = ptoff[p] + tb
+                    if step == 0:
+                        s = tsearch[t] - 1
+                        if s < 0:
+                            continue
+                        lv = s_l[s]
+                        lo = s_i[s] << lv
+                        hi = lo + (np.int64(1) << lv)
+                        i = s_i[s]
+                        if pk[p]:
+                            bp = np.int64(_subset_parity(words, n, pmk[p], lo, hi))
+                            par = _ht_get(keys, vals, _key(p, lv, i)) if lv < pL[p] else np.int64(atop[ptoff[p] + i])
+                        else:
+                            bp = np.int64(_wparity(W, p, lo, min(hi, n)))
+                            par = np.int64(D[LO[p, lv] + i]) if lv < pL[p] else np.int64(atop[ptoff[p] + i])
+                        if bp == par:
+                            s_l[s] = -2
+                            tsearch[t] = 0
+                            live -= 1
+                    elif tsearch[t] == 0 and btop[t] != atop[t]:
+                        s_p[ns] = p
+                        s_l[ns] = pL[p]
+                        s_i[ns] = tb
+                        tsearch[t] = ns + 1
+                        pfailed[p] = 1
+                        ns += 1
+                        live += 1
+    # compact: drop finished and dropped searches, keep tsearch pointing at the live ones
+    m = 0
+    for s in range(ns):
+        if s_l[s] >= 0:
+            p = s_p[s]
+            s_p[m] = p
+            s_l[m] = s_l[s]
+            s_i[m] = s_i[s]
+            tsearch[ptoff[p] + (s_i[m] >> (pL[p] - s_l[m]))] = m + 1
+            m += 1
+    ns = m
     # 6. queries: the left child of every pending search
     for s in range(ns):
         p = s_p[s]
@@ -559,11 +537,12 @@ def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hco
         i = s_i[s]
         half = np.int64(1) << (lv - 1)
         lo = 2 * i * half
-        qp[s] = p
-        ql[s] = lv - 1
-        qi[s] = 2 * i
+        qp[s] = (p << 40) | ((lv - 1) << 32) | (2 * i)  # packed node: one array on the wire
         q_s[s] = s
-        q_bl[s] = _node_parity(W, words, n, pa, pc, pk, pmk, p, lo, lo + half)
+        if pk[p]:
+            q_bl[s] = _subset_parity(words, n, pmk[p], lo, lo + half)
+        else:
+            q_bl[s] = _wparity(W, p, lo, min(lo + half, n))
     st[0] = ns
     st[1] = ns
     st[2] = n_open
@@ -697,14 +676,21 @@ class CascadeAlice:
     def on_message(self, msg: Message) -> Message | None:
         if msg.kind == "cascade.query":
             pp = self.passes
-            try:
-                qp, ql, qi = msg.arrays["p"], msg.arrays["l"], msg.arrays["i"]
-            except KeyError as e:
-                raise ValueError(f"cascade.query without array {e}") from None
-            if not qp.ndim == ql.ndim == qi.ndim == 1 or not qp.size == ql.size == qi.size:
-                raise ValueError("cascade.query: arrays of different shapes")
-            ans = np.empty(qp.size, np.uint8)
-            _answer(self._W, self._words, self.n, pp.P, pp.pmk, qp, ql, qi, ans)
+            if "q" in msg.arrays:  # packed nodes
+                qk = msg.arrays["q"]
+                if qk.dtype != np.uint64 or qk.ndim != 1:
+                    raise ValueError("cascade.query: q must be a uint64 vector")
+                ans = np.empty(qk.size, np.uint8)
+                _answer_packed(self._W, self._words, self.n, pp.P, pp.pmk, qk, ans)
+            else:  # separate arrays p, l, i
+                try:
+                    qp, ql, qi = msg.arrays["p"], msg.arrays["l"], msg.arrays["i"]
+                except KeyError as e:
+                    raise ValueError(f"cascade.query without array {e}") from None
+                if not qp.ndim == ql.ndim == qi.ndim == 1 or not qp.size == ql.size == qi.size:
+                    raise ValueError("cascade.query: arrays of different shapes")
+                ans = np.empty(qp.size, np.uint8)
+                _answer(self._W, self._words, self.n, pp.P, pp.pmk, qp, ql, qi, ans)
             self.disclosed += ans.size
             return Message("cascade.parities", disclosed=ans)
         if msg.kind == "cascade.more":
@@ -841,8 +827,7 @@ class CascadeBob:
         self.corrections = int(self._st[5])
         if nq:
             S = self._S
-            return Message("cascade.query", arrays={"p": S[5, :nq].astype(np.uint16), "l": S[6, :nq].astype(np.uint8),
-                                                    "i": S[7, :nq].astype(np.uint32)})
+            return Message("cascade.query", arrays={"q": S[5, :nq].astype(np.uint64)})
         clean = int(np.count_nonzero(self._pfailed[pp.n_main:] == 0))
         if clean < self.params.final_checks:
             count = min(64, max(self.params.check_batch, self.params.final_checks - clean))
