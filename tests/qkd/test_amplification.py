@@ -82,6 +82,7 @@ def test_word_entry_point_ignores_bits_past_the_ends_and_clears_the_tail(kernel)
         if (n + m - 1) % 64:
             sw[-1] |= ~np.uint64(0) << np.uint64((n + m - 1) % 64)
         sw = np.concatenate([sw, np.full(3, ~np.uint64(0))])  # extra words: ignored
+        xw.setflags(write=False)  # read-only input (e.g. np.frombuffer) is fine
         y = pa.toeplitz_hash_words(xw, n, sw, m)
         assert y.dtype == np.uint64 and y.size == (m + 63) // 64
         tail = np.zeros(64 * y.size - m, np.uint8)
