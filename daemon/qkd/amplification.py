@@ -417,7 +417,7 @@ def _as_words(w: np.ndarray, nbits: int, what: str) -> np.ndarray:
         raise AmplificationError(f"{what} must be a 1-D array of 64-bit words")
     if a.size < (nbits + 63) // 64:
         raise AmplificationError(f"{what} has {a.size} words; {nbits} bits need {(nbits + 63) // 64}")
-    return np.ascontiguousarray(a).view(np.uint64)
+    return np.ascontiguousarray(a).astype(np.uint64, copy=False)  # by value: int64 wraps, byte order handled
 
 
 def toeplitz_hash_words(key_words: np.ndarray, n: int, seed_words: np.ndarray, m: int,

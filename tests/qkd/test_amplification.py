@@ -90,6 +90,16 @@ def test_word_entry_point_ignores_bits_past_the_ends_and_clears_the_tail(kernel)
         assert np.array_equal(pa.toeplitz_hash(x, s, m), want)
 
 
+def test_word_entry_point_takes_words_by_value():
+    rng = np.random.default_rng(8)
+    n, m = 700, 300
+    xw = pa.pack_bits(rng.integers(0, 2, n, dtype=np.uint8))
+    sw = pa.pack_bits(rng.integers(0, 2, n + m - 1, dtype=np.uint8))
+    want = pa.toeplitz_hash_words(xw, n, sw, m)
+    for conv in (lambda a: a.astype(">u8"), lambda a: a.view(np.int64), lambda a: np.repeat(a, 2)[::2]):
+        assert np.array_equal(pa.toeplitz_hash_words(conv(xw), n, conv(sw), m), want)
+
+
 def test_word_entry_point_errors():
     w = np.zeros(4, np.uint64)
     with pytest.raises(pa.AmplificationError, match="words"):
