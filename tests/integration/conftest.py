@@ -127,7 +127,8 @@ def start_daemon(tmp_path):
         log = log_path.open("w")
         proc = subprocess.Popen(
             daemon_cmd("run", "--config", str(cfg), "--control", control, "--publish", publish),
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / f"state-{len(started)}"), **(env or {})},
         )
         d = DaemonProc(proc, control, publish, log_path)
         started.append(d)
