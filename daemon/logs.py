@@ -29,3 +29,27 @@ def configure(fmt: str = "auto", level: str = "info", stream=None) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    _bridge_stdlib(LEVELS[level])
+
+
+class _ToStructlog(logging.Handler):
+    """Standard-library log records (e.g. qnetd.qkd.keystore, pyvisa) as structlog lines of the same format."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = {"logger": record.name}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            structlog.get_logger(record.name).log(record.levelno, record.getMessage(), **fields)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def _bridge_stdlib(level: int) -> None:
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _ToStructlog)]:
+        root.removeHandler(h)
+    root.addHandler(_ToStructlog())
+    root.setLevel(level)
+    for noisy in ("numba", "pyvisa", "asyncio"):  # their debug output is not the daemon's
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
