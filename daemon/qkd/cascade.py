@@ -70,7 +70,7 @@ class CascadeParams:
     growth: int = 6           # log2 of the block-size factor between main passes after the second
     final_checks: int = 20    # clean random-subset checks required before "done"
     check_batch: int = 8      # extra checks asked per round when more are needed
-    open_at: int = 0          # open the next pass once at most this many searches are still running
+    open_ratio: float = 0.5   # open the next main pass once at most open_ratio * (its block count) searches run
     checks_at_once: int = 1   # checks opened together once the main passes are settled
 
 
@@ -325,7 +325,8 @@ def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hco
     """One step of Bob: apply Alice's answers, run every search as far as known parities allow, correct, cascade,
     open passes when the open ones are settled, and emit the next queries.
 
-    ``st`` = [n_searches, n_queries, n_open, n_pass, stamp, corrections, open_at, n_main, checks_at_once]; updated
+    ``st`` = [n_searches, n_queries, n_open, n_pass, stamp, corrections, 1000 * open_ratio, n_main,
+    checks_at_once]; updated
     in place. ``P`` holds the pass rows (a, c, a^-1, L, kind, top offset, blocks), ``T`` the top-level rows (Alice's
     parity, Bob's parity, search mark, touch stamp), ``S`` the search rows (pass, level, index; query -> search,
     Bob's left parity; query pass, level, index; flips). Few arguments: numba's dispatch costs ~0.3 us each.
@@ -428,8 +429,8 @@ def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hco
             s_l[s] = lv
             s_i[s] = i
         if nf == 0:
-            if live > open_at or n_open >= n_pass:
-                break
+            if n_open >= n_pass or live > (open_at * pnb[n_open] // 1000 if n_open < n_main else 0):
+                break  # (checks open only once nothing is odd any more)
             # the open passes are (nearly) settled: open the next pass (checks: several at once)
             opened = 0
             ns0 = ns
@@ -795,7 +796,7 @@ class CascadeBob:
             self._vals = np.zeros(1 << 12, np.int8)
             self._hcount = np.zeros(1, np.int64)
             self._st = np.zeros(9, np.int64)
-            self._st[6] = self.params.open_at
+            self._st[6] = round(1000 * self.params.open_ratio)
             self._st[7] = len(levels)
             self._st[8] = max(1, self.params.checks_at_once)
             self._grow_tops(msg.disclosed if msg.disclosed is not None else np.zeros(0, np.uint8), 0)
