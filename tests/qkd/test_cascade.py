@@ -132,3 +132,80 @@ def test_pipeline_with_verification_and_injected_residual_error():
     va, vb = VerifyAlice(alice.key), VerifyBob(bob.key)
     pump(va, vb, ea, eb)
     assert va.ok and vb.ok
+
+
+def test_subset_checks_find_errors_the_main_passes_cannot_see():
+    # one main pass of two blocks (alpha huge); two errors in the same block: only the random-subset checks see them
+    from daemon.qkd.cascade import pass_params
+    n, seed = 4096, 17
+    p = CascadeParams(alpha=1e9)
+    assert schedule(n, 0.01, p) == [11]
+    a, _ = _pair(n, 0.0, 3)
+    _, c, ainv = pass_params(seed, 0, n)
+    block = [(ainv * (b - c) % n) >> 11 for b in range(n)]
+    b1 = 5
+    b2 = next(b for b in range(6, n) if block[b] == block[b1])
+    b = a.copy()
+    b[[b1, b2]] ^= 1
+    alice, bob, ea, eb = _run(a, b, 0.01, seed, p)
+    assert np.array_equal(bob.key, a) and bob.corrections == 2
+    assert int(bob._pfailed[bob.passes.n_main:].sum()) >= 1  # a check was odd and searched
+    assert ea.sent.leak_bits == alice.disclosed
+
+
+def test_packed_and_separate_queries_get_the_same_answers():
+    from daemon.qkd.channel import Message
+    a, b = _pair(3000, 0.05, 4)
+    alice = CascadeAlice(a, 0.05, 4)
+    alice.start()
+    before = alice.disclosed
+    rng = np.random.default_rng(0)
+    p = rng.integers(0, alice.passes.count, 200)
+    lv = np.array([rng.integers(0, alice.passes.pL[x]) for x in p])
+    i = np.array([rng.integers(0, -(-3000 // (1 << int(l)))) for l in lv])
+    packed = alice.on_message(Message("cascade.query", arrays={"q": ((p.astype(np.uint64) << np.uint64(40))
+                                                                     | (lv.astype(np.uint64) << np.uint64(32))
+                                                                     | i.astype(np.uint64))}))
+    separate = alice.on_message(Message("cascade.query", arrays={"p": p.astype(np.uint16), "l": lv.astype(np.uint8),
+                                                                 "i": i.astype(np.uint32)}))
+    assert np.array_equal(packed.disclosed, separate.disclosed)
+    assert alice.disclosed - before == 400  # every answered parity is counted
+
+
+def test_malformed_messages_raise_value_error():
+    from daemon.qkd.channel import Message
+    a, b = _pair(2000, 0.03, 5)
+    alice = CascadeAlice(a, 0.03, 5)
+    start = alice.start()
+    bad_queries = [
+        {"q": np.array([(999 << 40)], np.uint64)},                 # no such pass
+        {"q": np.array([(0 << 40) | (40 << 32)], np.uint64)},      # level above the pass top
+        {"q": np.array([(0 << 40) | (0 << 32) | 5000], np.uint64)},  # beyond the key
+        {"q": np.array([1], np.int64)},                            # wrong dtype
+        {"p": np.array([0], np.uint16)},                           # missing arrays
+    ]
+    for arrays in bad_queries:
+        with pytest.raises(ValueError):
+            alice.on_message(Message("cascade.query", arrays=arrays))
+    with pytest.raises(ValueError):
+        alice.on_message(Message("cascade.more", {"count": 1000}))
+    bob = CascadeBob(b)
+    with pytest.raises(ValueError):
+        bob.on_message(Message("cascade.parities", disclosed=np.zeros(3, np.uint8)))  # before start
+    first = bob.on_message(start)
+    assert first.kind == "cascade.query"
+    with pytest.raises(ValueError):  # wrong number of answers
+        bob.on_message(Message("cascade.parities", disclosed=np.zeros(first.arrays["q"].size + 1, np.uint8)))
+    with pytest.raises(ValueError):
+        bob.on_message(Message("cascade.checks", {"count": 3}, disclosed=np.zeros(3, np.uint8)))  # not asked
+    bob2 = CascadeBob(b)
+    with pytest.raises(ValueError):  # wrong number of top-level parities
+        bob2.on_message(Message("cascade.start", start.meta, disclosed=start.disclosed[:-1]))
+
+
+def test_opening_passes_early_or_late_both_reconcile():
+    a, b = _pair(50_000, 0.03, 8)
+    for ratio in (0.0, 0.5, 4.0):
+        alice, bob, ea, _ = _run(a, b, 0.03, 8, CascadeParams(open_ratio=ratio))
+        assert np.array_equal(bob.key, a) and bob.corrections == int(np.count_nonzero(a != b))
+        assert ea.sent.leak_bits == alice.disclosed

@@ -74,3 +74,19 @@ def test_pump_runs_to_completion():
     pump(pa, pb, a, b)
     assert a.sent.messages + b.sent.messages == 6
     assert a.round_trips == 3
+
+
+def test_garbage_raises_value_error():
+    rng = np.random.default_rng(3)
+    good = encode(Message("k", {"a": 1}, {"p": np.arange(3, dtype=np.uint32)}, disclosed=np.ones(5, np.uint8)))
+    cases = [b"", b"\x05\x00\x00\x00{}", b"\xff\xff\xff\x7f", good[:10], good + b"x",
+             b"\x02\x00\x00\x00[]", b"\x0b\x00\x00\x00not json!!"]
+    for _ in range(200):
+        cases.append(bytes(rng.integers(0, 256, int(rng.integers(0, 60)), dtype=np.uint8)))
+        k = int(rng.integers(4, len(good)))
+        cases.append(good[:k] + bytes([int(rng.integers(0, 256))]) + good[k + 1:])
+    for data in cases:
+        try:
+            decode(data)
+        except ValueError:
+            pass
