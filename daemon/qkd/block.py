@@ -85,8 +85,8 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.uint8)
 
 
-class BlockAlice:
-    """Alice's side of one block: answers Bob, decides abort / continue, picks the PA seed and key IDs."""
+class _Side:
+    """What both sides hold: their own Z (key) and X (estimation) bits, the parameters, the outcome so far."""
 
     def __init__(self, key_z: np.ndarray, bits_x: np.ndarray, params: BlockParams = BlockParams()) -> None:
         self._z = _bits(key_z)
@@ -94,8 +94,15 @@ class BlockAlice:
         self.params = params
         self.out = BlockOutcome(n=int(self._z.size), k=int(self._x.size))
         self.done = False
-        self._cascade: CascadeAlice | None = None
-        self._verify: VerifyAlice | None = None
+        self._cascade: Any = None
+        self._verify: Any = None
+
+
+class BlockAlice(_Side):
+    """Alice's side of one block: answers Bob, decides abort / continue, picks the PA seed and key IDs."""
+
+    def __init__(self, key_z: np.ndarray, bits_x: np.ndarray, params: BlockParams = BlockParams()) -> None:
+        super().__init__(key_z, bits_x, params)
         self._pending_keys: list[np.ndarray] = []
 
     def start(self) -> None:
@@ -170,17 +177,8 @@ class BlockAlice:
         raise ValueError(f"BlockAlice: unexpected message {msg.kind!r}")
 
 
-class BlockBob:
+class BlockBob(_Side):
     """Bob's side of one block: discloses his X bits, runs Cascade's searches, verifies, hashes."""
-
-    def __init__(self, key_z: np.ndarray, bits_x: np.ndarray, params: BlockParams = BlockParams()) -> None:
-        self._z = _bits(key_z)
-        self._x = _bits(bits_x)
-        self.params = params
-        self.out = BlockOutcome(n=int(self._z.size), k=int(self._x.size))
-        self.done = False
-        self._cascade: CascadeBob | None = None
-        self._verify: VerifyBob | None = None
 
     def start(self) -> Message:
         return Message("est.x", {"k": int(self._x.size)}, {"bits": np.packbits(self._x)})

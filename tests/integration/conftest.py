@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,3 +143,16 @@ def start_daemon(tmp_path):
         if d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """CURVE key pairs server, alice (authorized) and mallory (a valid key, not authorized)."""
+    from daemon.api.security import keygen
+
+    d = tmp_path / "curve-keys"
+    out = {name: keygen(d, name) for name in ("server", "alice", "mallory")}
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    shutil.copy(out["alice"][0], authorized / "alice.key")
+    return {"dir": d, "authorized": authorized, **{k: {"public": v[0], "secret": v[1]} for k, v in out.items()}}

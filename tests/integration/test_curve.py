@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 
 import pytest
 
 from daemon import qnetctl
-from daemon.api.security import keygen, load_secret_key
+from daemon.api.security import load_secret_key
 from daemon.client import AsyncClient, Client, NoReply
 from tests.integration.conftest import PUMP, DaemonProc, config_text, daemon_cmd, free_port
-
-
-@pytest.fixture
-def keys(tmp_path):
-    d = tmp_path / "keys"
-    out = {name: keygen(d, name) for name in ("server", "alice", "mallory")}
-    authorized = tmp_path / "authorized"
-    authorized.mkdir()
-    shutil.copy(out["alice"][0], authorized / "alice.key")
-    return {"dir": d, "authorized": authorized, **{k: {"public": v[0], "secret": v[1]} for k, v in out.items()}}
 
 
 def curve_config(keys) -> str:

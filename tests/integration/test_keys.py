@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import os
 import random
-import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +13,6 @@ import time
 import pytest
 
 from daemon.api import errors
-from daemon.api.security import keygen
 from daemon.client import Client, NoReply
 from daemon.config import default_config_text
 from daemon.qkd.keystore import LinkKeyStores
@@ -111,15 +109,10 @@ def test_delivery_refused_without_curve(start_daemon, tmp_path):
     assert "bbm92" in d.client.call("keys.status")["links"]  # status carries no key material: allowed
 
 
-def test_push_reaches_authorized_curve_clients_only(tmp_path):
-    kd = tmp_path / "curve"
-    pairs = {name: keygen(kd, name) for name in ("server", "alice", "mallory")}
-    authorized = tmp_path / "authorized"
-    authorized.mkdir()
-    shutil.copy(pairs["alice"][0], authorized / "alice.key")
+def test_push_reaches_authorized_curve_clients_only(tmp_path, keys):
     cfg = tmp_path / "qnetd.toml"
     cfg.write_text(keys_config(tmp_path / "keys", deliver_without_curve=False, delivery="push",
-                               curve={"server": pairs["server"][1], "authorized": authorized}))
+                               curve={"server": keys["server"]["secret"], "authorized": keys["authorized"]}))
     control, publish = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     log_path = tmp_path / "qnetd.log"
     with log_path.open("w") as log:
@@ -129,8 +122,8 @@ def test_push_reaches_authorized_curve_clients_only(tmp_path):
     d.client.close()
 
     def client(name: str) -> Client:
-        return Client(control, publish, timeout=5.0, curve_server_key=pairs["server"][0],
-                      curve_client_keys=pairs[name][1])
+        return Client(control, publish, timeout=5.0, curve_server_key=keys["server"]["public"],
+                      curve_client_keys=keys[name]["secret"])
 
     d.client = client("alice")
     mallory = client("mallory")
@@ -157,13 +150,18 @@ def test_push_reaches_authorized_curve_clients_only(tmp_path):
             d.stop()
 
 
+CRASH_KILLS = int(os.environ.get("QNETD_CRASH_KILLS", "8"))
+
+
+@pytest.mark.timeout(60 + 15 * CRASH_KILLS)
 def test_crash_at_random_points_leaves_both_sides_consistent(start_daemon, tmp_path):
     """SIGKILL the daemon at random moments while blocks are committed; after each kill the stores, reopened
-    (recovery), hold the same keys on both sides."""
-    kills = int(os.environ.get("QNETD_CRASH_KILLS", "8"))
+    (recovery), hold the same keys on both sides. QNETD_CRASH_KILLS sets the number of kills."""
+    kills = CRASH_KILLS
     store = tmp_path / "keys"
     rng = random.Random(1234)
     seen_ready = 0
+    recovered = {"committed": 0, "discarded": 0}
     for i in range(kills):
         # small keys: many rows per block, so kills often land inside the two-phase commit
         text = keys_config(store, speed=0.0, block_bits=20_000).replace("key_size_bits = 256", "key_size_bits = 64")
@@ -173,6 +171,8 @@ def test_crash_at_random_points_leaves_both_sides_consistent(start_daemon, tmp_p
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
         with LinkKeyStores(store, "bbm92") as stores:
+            for k in recovered:
+                recovered[k] += stores.recovered.get(k, 0)
             ids_a, ids_b = set(stores.alice.key_ids()), set(stores.bob.key_ids())
             assert ids_a == ids_b, f"kill {i}: sides differ"
             assert not stores.alice.pending_ids() and not stores.bob.pending_ids()
@@ -182,3 +182,4 @@ def test_crash_at_random_points_leaves_both_sides_consistent(start_daemon, tmp_p
             assert len(ids_a) >= seen_ready  # nothing acknowledged was lost
             seen_ready = len(ids_a)
     assert seen_ready > 0
+    print(f"{kills} kills, {seen_ready} keys on both sides at the end, recovery: {recovered}")
