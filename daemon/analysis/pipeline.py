@@ -554,7 +554,9 @@ class AnalysisPipeline:
         """Start collecting calibration histograms from the next batch on (one calibration at a time)."""
         with self._lock:
             if self._calibration is not None and not self._calibration.done:
-                raise RuntimeError("a delay calibration is already running")
+                if not getattr(self._calibration, "background", False):
+                    raise RuntimeError("a delay calibration is already running")
+                self._calibration.cancel()  # a background one (control delay tracker) yields to this one
             run = CalibrationRun([tuple(p) for p in pairs], dict(self._delays), int(round(duration_s * PS_PER_S)),
                                  settings, progress)
             self._calibration = run

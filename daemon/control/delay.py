@@ -13,7 +13,9 @@ effect at the next batch; the analysis discards the interval in progress then (m
 ``adjusting`` is true from the change until ``settle_s`` of tagger time after the next interval boundary,
 so the key pipeline discards that instant too.
 
-If a user's ``analysis.calibrate_delays`` runs, the tracker waits for it. No data for
+If a user's ``analysis.calibrate_delays`` starts, the tracker's histogram is cancelled (it is marked
+``background``: the one-line rule in ``AnalysisPipeline.start_calibration``) and the tracker waits for the
+user's calibration to end. No data for
 ``measure_timeout_s`` wall seconds (tagger stopped) or no peak found: the state says so (``paused`` /
 ``lost``), and it keeps trying.
 """
@@ -195,6 +197,7 @@ class DelayTracker:
             self.state, self.reason = "paused", "waiting for a delay calibration in progress"
             await asyncio.sleep(0.5)
             return
+        run.background = True  # a user's analysis.calibrate_delays cancels it and runs instead
         if self._expect and any(int(run.delays.get(ch, 0)) != d for ch, d in self._expect.items()):
             self.pipeline.cancel_calibration(run)  # the analysis has not switched to our last change yet
             await asyncio.sleep(0.05)

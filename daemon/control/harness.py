@@ -7,7 +7,9 @@ tag generation. Per ``interval_s`` of simulated time it
 - advances the real :class:`drivers.sim.bench.model.BenchModel` fibers (its own drift random walk, seeded),
 - draws Poisson coincidence counts of the 4x4 matrix (Alice H V D A x Bob H V D A) from
   ``BenchModel.expected_rates(window_ps)``: true coincidences in the window plus accidentals, at the
-  paddles the loop commanded (set on the bench state as the simulated MPC320 would),
+  paddles the loop commanded (set on the bench state as the simulated MPC320 would); an interval in which
+  paddles move sums the path they take (one paddle after the other, ``move_s_per_100deg``, in steps of at
+  most 5 degrees) and the setting reached, each for its share of the interval,
 - hands the matrix to the same :class:`daemon.control.polmodel.Tracker` the daemon's loop uses, and when it
   proposes a move, applies it; the interval(s) spanned by the move (travel at ``move_s_per_100deg`` plus
   ``settle_s``) are flagged ``adjusting`` and neither feed the tracker nor count as key.
@@ -72,9 +74,10 @@ def key_bits(rows: list[dict], block_bits: int = 100_000, f_ec: float = 1.06) ->
 
 
 def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = True, seed: int = 1,
-        interval_s: float = 1.0, track_s: float = 5.0, memory_s: float = 60.0, min_gain: float = 0.003,
+        interval_s: float = 1.0, track_s: float = 5.0, memory_s: float = 120.0, min_gain: float = 0.003,
         move_s_per_100deg: float = 1.0, settle_s: float = 0.1, limits: tuple[float, float] = (0.0, 170.0),
-        initial_unitary: str = "identity") -> dict[str, Any]:
+        initial_unitary: str = "identity", move_penalty_per_deg: float = 3e-4,
+        drift_prior_rad2_per_s: float = 1e-4) -> dict[str, Any]:
     """One run; see the module doc. Returns mean/max QBER, moves, adjusting share, key bits, and ``rows``."""
     from drivers.sim.bench.model import PS_PER_S
 
@@ -83,7 +86,8 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
     bell = model.cfg.source.bell_state
     cm = ChannelModel(bell, "bob", model.cfg.receivers.alice_angles_deg, model.cfg.receivers.bob_angles_deg,
                       limits[0], limits[1])
-    tracker = Tracker(cm, memory_s=memory_s, min_gain=min_gain)
+    tracker = Tracker(cm, memory_s=memory_s, min_gain=min_gain, move_weight=move_penalty_per_deg,
+                      drift_rad2_per_s=drift_prior_rad2_per_s)
     paddles = [min(max(float(x), limits[0]), limits[1]) for x in model.state.paddles("bob")]
     for i, x in enumerate(paddles):
         model.state.set_paddle("bob", i, x)
@@ -92,11 +96,30 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
     last_track = 0.0
     rows: list[dict] = []
     moves = 0
+    transit: list[tuple[float, list[float]]] = []  # (duration s, paddles) of a move in progress, in order
     for i in range(n_int):
         t0, t1 = i * interval_s, (i + 1) * interval_s
         model._advance_to(int(t1 * PS_PER_S) // model.block_ps)  # the bench's own drift walk up to t1
-        r = model.expected_rates(window_ps)
-        lam = (np.array(r["coincidences_in_window_hz"]) + np.array(r["accidentals_hz"])) * interval_s
+        # the interval's counts: the paddles' path during a move (one paddle after the other, as the driver
+        # moves them), then the setting reached, each for its share of the interval
+        segments, left = [], interval_s
+        while transit and left > 1e-9:
+            dur, ang = transit[0]
+            use = min(dur, left)
+            segments.append((use, ang))
+            left -= use
+            if use >= dur - 1e-12:
+                transit.pop(0)
+            else:
+                transit[0] = (dur - use, ang)
+        if left > 1e-9:
+            segments.append((left, paddles))
+        lam = np.zeros((4, 4))
+        for dur, ang in segments:
+            for k, a in enumerate(ang):
+                model.state.set_paddle("bob", k, a)
+            r = model.expected_rates(window_ps)
+            lam += (np.array(r["coincidences_in_window_hz"]) + np.array(r["accidentals_hz"])) * dur
         m = rng.poisson(lam)
         z, x = m[0:2, 0:2], m[2:4, 2:4]
         s = cm.signs
@@ -105,7 +128,6 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
         nz, nx = int(z.sum()), int(x.sum())
         adjusting = t0 < busy_until
         rows.append({"t": t1, "qz": ez / max(nz, 1), "qx": ex / max(nx, 1), "nz": nz, "nx": nx, "ez": ez, "ex": ex,
-                     "q_model": sum(r["qber"]) / 2,
                      "adjusting": adjusting})
         if not compensate or adjusting:
             continue
@@ -114,11 +136,21 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
             last_track = t1
             target, _info = tracker.propose(t1, paddles)
             if target is not None:
-                travel = max(abs(a - b) for a, b in zip(target, paddles))
-                busy_until = t1 + travel / 100.0 * move_s_per_100deg + settle_s
+                # the driver moves one paddle after the other; the path in steps of at most 5 degrees
+                cur = list(paddles)
+                travel_s = 0.0
+                for k in range(3):
+                    d = target[k] - cur[k]
+                    n = max(1, int(math.ceil(abs(d) / 5.0)))
+                    for j in range(1, n + 1):
+                        cur = list(cur)
+                        cur[k] = paddles[k] + d * j / n
+                        dur = abs(d) / n / 100.0 * move_s_per_100deg
+                        if dur > 0:
+                            transit.append((dur, cur))
+                            travel_s += dur
+                busy_until = t1 + travel_s + settle_s
                 paddles = list(target)
-                for k, a in enumerate(paddles):
-                    model.state.set_paddle("bob", k, a)
                 moves += 1
     q = np.array([(r["qz"] + r["qx"]) / 2 for r in rows])
     kept = [r for r in rows if not r["adjusting"]]

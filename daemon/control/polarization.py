@@ -6,6 +6,13 @@ interval, handed over in the event loop by :class:`daemon.acquisition.Acquisitio
 moves the paddles of the configured controller through its :class:`DeviceSupervisor` (so the configured
 limits are enforced and, in the simulated testbed, the APT protocol runs against the simulated MPC320).
 
+Two methods. ``model`` (the default, daemon/control/polmodel.py): every interval's whole 4x4 coincidence
+matrix (cross-basis blocks included) is fitted with a model of the channel (one unknown SU(2) element and a
+visibility, the MPC320's quarter-half-quarter optics at the commanded angles); a run moves all paddles to
+the predicted optimum and measures, two or three times; between runs (``track``) the same fit on the data
+of key production itself moves the paddles whenever the predicted gain is worth the move: small moves, no
+dithering. ``sweep`` (and the fallback when model steps do not reach the target) is the model-free method:
+
 Optimizer: sequential exact coordinate minimization (Rotosolve-style). For a Werner state, the measured
 error probability is a quadratic form in the Jones matrix of each waveplate, whose entries are affine in
 cos 2phi and sin 2phi; so, all other paddles fixed, QBER_Z + QBER_X of one paddle angle phi is *exactly* a
@@ -28,7 +35,9 @@ Life cycle: ``idle`` -> (max(QBER Z, X) above ``threshold_qber`` for ``hold_s`` 
 watching again. A device fault (or a missing QBER feed) makes it ``paused`` with the reason; it resumes
 by itself when the device is ready again. While it runs, ``adjusting`` is true on topic ``control.<name>``
 and in ``control.<name>.status``: key production must not use intervals measured while adjusting
-(the paddles move between samples; the channel is deliberately made worse).
+(the paddles move between samples; the channel is deliberately made worse). A tracking move is ``adjusting``
+from the first move until ``settle_s`` of tagger time after the last. ``qkd.<link>`` messages of
+``kind`` ``block`` (per key block) are ignored; only per-interval statistics feed the loop.
 """
 
 from __future__ import annotations
@@ -85,6 +94,9 @@ FIELDS: dict[str, Field] = {
                                     doc="expected fiber drift: how fast older measurements lose weight in the fit"),
     "memory_s": Field(float, 120.0, unit="s", min=1.0, max=86400.0,
                       doc="tagger seconds of measurements kept for the channel fit"),
+    "move_penalty_per_deg": Field(float, 3e-4, min=0.0, max=1.0,
+                                  doc="predicted fidelity a degree of paddle travel must buy (the paddles pass "
+                                      "through bad settings while they move): prefers near, small moves"),
 }
 
 TOPICS: dict[str, dict[str, Any]] = {
@@ -280,7 +292,8 @@ class PolarizationLoop:
             model = ChannelModel(bell, self.cfg["arm"], tuple(self._link.get("alice_angles_deg", (0.0, 45.0))),
                                  tuple(self._link.get("bob_angles_deg", (0.0, 45.0))), self.lo, self.hi)
             self.tracker = Tracker(model, memory_s=self.cfg["memory_s"], min_gain=self.cfg["track_min_gain"],
-                                   paddles=self.cfg["paddles"], drift_rad2_per_s=self.cfg["drift_prior_rad2_per_s"])
+                                   paddles=self.cfg["paddles"], drift_rad2_per_s=self.cfg["drift_prior_rad2_per_s"],
+                                   move_weight=self.cfg["move_penalty_per_deg"])
         return self.tracker
 
     def _track_feed(self, fields: dict[str, Any], t_begin: int, t_end: int) -> None:

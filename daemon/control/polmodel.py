@@ -105,6 +105,7 @@ class ChannelModel:
         self.obs_a = observables(alice_angles_deg)
         self.obs_b = observables(bob_angles_deg)
         self.lo, self.hi = float(lo), float(hi)
+        self._grid: tuple[np.ndarray, np.ndarray] | None = None
         # the ideal correlations of the key bases (signs): QBER = (1 - sign E) / 2
         self.signs = np.sign(np.real(self.predict_pure(np.zeros(3), np.zeros(3)).diagonal()))
         self.signs[self.signs == 0] = 1
@@ -127,8 +128,8 @@ class ChannelModel:
         e = np.einsum("...ij,ajk,...kl,bli->...ab", ph, self.obs_a, psi, self.obs_b)
         return np.real(e)
 
-    def fidelity(self, g: np.ndarray, phi: np.ndarray) -> np.ndarray:
-        psi = self._psi(np.asarray(g, float), np.asarray(phi, float))
+    def fidelity(self, g: np.ndarray, phi: np.ndarray, uc: np.ndarray | None = None) -> np.ndarray:
+        psi = self._psi(np.asarray(g, float), phi if uc is not None else np.asarray(phi, float), uc)
         return np.abs(np.einsum("ij,...ij->...", np.conj(self.bell), psi)) ** 2
 
     def qber(self, g: np.ndarray, v: float, phi: np.ndarray) -> np.ndarray:
@@ -158,7 +159,7 @@ class ChannelModel:
         den = np.zeros(len(gs))
         ee = np.zeros(len(gs))
         for phi, e, w in obs:
-            p = self.predict_pure(gs, np.broadcast_to(phi, gs.shape))
+            p = self.predict_pure(gs, None, controller_unitaries(phi))
             num += (w * p * e).sum(axis=(1, 2))
             den += (w * p * p).sum(axis=(1, 2))
             ee += float((w * e * e).sum())
@@ -201,7 +202,7 @@ class ChannelModel:
             starts.append(np.asarray(start, float))
         if global_search or start is None:
             grid = _SU2_GRID
-            c = self._cost_batch(grid, obs)
+            c = self._cost_batch(grid, obs[-6:])  # starting points: the newest groups suffice
             starts += [grid[i] for i in np.argsort(c)[:3]]
         best = None
         for s in starts:
@@ -213,7 +214,7 @@ class ChannelModel:
 
     # -- the paddles -------------------------------------------------------------------------------------
     def best_paddles(self, g: np.ndarray, current: Sequence[float], paddles: Sequence[int] = (0, 1, 2),
-                     move_weight: float = 2e-5, near_enough: float = 0.995) -> tuple[list[float], float]:
+                     move_weight: float = 2e-5, near_enough: float = 0.985) -> tuple[list[float], float]:
         """Paddle angles within [lo, hi] maximizing the fidelity with |B> given the channel g, minus a small
         penalty per degree of travel (among equally good settings, the nearest); (angles, fidelity).
         Paddles not in ``paddles`` stay where they are."""
@@ -279,10 +280,18 @@ class ChannelModel:
         best_phi, best_s = refine(cur.copy())
         if float(self.fidelity(g, best_phi)) < near_enough:
             # ... else a coarse grid over the free paddles and the best few refined
-            axes = [np.linspace(lo, hi, 13) if free[k] else np.array([cur[k]]) for k in range(3)]
-            grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-            s = score(grid)
-            for i in np.argsort(-s)[:5]:
+            if free.all():  # the usual case: the grid's controller matrices are computed once
+                if self._grid is None:
+                    axes = [np.linspace(lo, hi, 13)] * 3
+                    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+                    self._grid = (grid, controller_unitaries(grid))
+                grid, ucs = self._grid
+                s = self.fidelity(g, None, ucs) - move_weight * np.abs(grid - cur).sum(-1)
+            else:
+                axes = [np.linspace(lo, hi, 13) if free[k] else np.array([cur[k]]) for k in range(3)]
+                grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+                s = score(grid)
+            for i in np.argsort(-s)[:3]:
                 phi, f = refine(grid[i].copy())
                 if f > best_s:
                     best_phi, best_s = phi, f
@@ -317,8 +326,9 @@ class Tracker:
 
     def __init__(self, model: ChannelModel, *, memory_s: float = 120.0, min_gain: float = 0.002,
                  paddles: Sequence[int] = (0, 1, 2), refit_residual: float = 9.0, chunk_s: float = 5.0,
-                 drift_rad2_per_s: float = 1e-4) -> None:
+                 drift_rad2_per_s: float = 1e-4, move_weight: float = 3e-4) -> None:
         self.model = model
+        self.move_weight = float(move_weight)
         self.memory_s = float(memory_s)
         self.min_gain = float(min_gain)
         self.paddles = tuple(paddles)
@@ -383,7 +393,7 @@ class Tracker:
         min_gain = self.min_gain if min_gain is None else min_gain
         if not self.fit(now_s, force_global):
             return None, {"reason": "no data"}
-        target, fid = self.model.best_paddles(self.g, current, self.paddles)
+        target, fid = self.model.best_paddles(self.g, current, self.paddles, move_weight=self.move_weight)
         now_q, new_q = self.predicted(current), self.predicted(target)
         gain = sum(now_q) - sum(new_q)
         info = {"predicted_now": now_q, "predicted_target": new_q, "gain": gain, "fidelity": fid,

@@ -56,10 +56,13 @@ def test_follows_a_fiber_length_step_and_a_drift_without_stopping_the_statistics
         await wait_for(lambda: tr.offset_ps is not None and abs(tr.offset_ps) <= 20 and tr.estimates >= 4, 60,
                        "peak not centred after the step")
         step_shift = tr.total_shift_ps
-        # a drift: 20 ps per simulated second for 40 simulated seconds
+        # a user's calibration takes precedence over the tracker's background histograms
+        cal = await d.table.call("analysis.calibrate_delays", {"duration_s": 0.5, "coarse_range_ps": 5000})
+        assert cal["all_found"], cal
+        # a drift: 30 ps per simulated second for 25 simulated seconds
         n0 = len(rows)
-        await d.table.call("sim.set_delay_drift", {"arm": "bob", "ps_per_s": 20.0})
-        await wait_for(lambda: len(rows) - n0 >= 40, 120, "no statistics during the drift")
+        await d.table.call("sim.set_delay_drift", {"arm": "bob", "ps_per_s": 30.0})
+        await wait_for(lambda: len(rows) - n0 >= 25, 120, "no statistics during the drift")
         await d.table.call("sim.set_delay_drift", {"arm": "bob", "ps_per_s": 0.0})
         drift_rows = rows[n0:]
         moved = await d.table.call("sim.fiber_delay", {"arm": "bob"}) - base
@@ -70,15 +73,14 @@ def test_follows_a_fiber_length_step_and_a_drift_without_stopping_the_statistics
 
     step_shift, drift_rows, moved, status, history = asyncio.run(with_daemon(cfg, scenario))
     assert abs(step_shift + 800) <= 10, step_shift  # Bob's delays moved back by the 800 ps
-    assert moved > 1500  # the step and the drift (~800 ps) together
+    assert moved > 1450  # the step and the drift (~750 ps) together
     assert abs(status["total_shift_ps"] + moved) <= 30, (status, moved)  # the delays followed the fiber
     assert abs(status["offset_ps"]) <= 20, status
     # key statistics went on during the drift: every interval had coincidences, few were marked adjusting
     counts = [c for _, c, _ in drift_rows]
     assert min(counts) > 0.5 * max(counts), counts
     assert sum(a for _, _, a in drift_rows) <= len(drift_rows) // 2
-    # while drifting at 20 ps/s the peak never got further than about one estimate's worth of drift (2 s
+    # while drifting at 30 ps/s the peak never got further than about one estimate's worth of drift (2 s
     # histogram + the switch) from the centre; the window is +-500 ps
-    during = [h for h in history if h["offset_ps"] is not None][-8:]
-    assert max(abs(h["offset_ps"]) for h in during) <= 150, during
-    print("delay history:", history)
+    during = [h for h in history if h["offset_ps"] is not None][-6:]
+    assert max(abs(h["offset_ps"]) for h in during) <= 200, during

@@ -37,7 +37,8 @@ def make_config(*, seed: int = 3, speed: float = 25.0, auto: bool = False, limit
     if not auto:
         text = text.replace('controller = "pc_bob"\n', 'controller = "pc_bob"\nauto = false\n')
     text = text.replace('controller = "pc_bob"\n',
-                        f'controller = "pc_bob"\nmethod = "{method}"\ntrack = {str(track).lower()}\n')
+                        f'controller = "pc_bob"\nmethod = "{method}"\ntrack = {str(track).lower()}\n'
+                        f'drift_prior_rad2_per_s = {max(drift, 1e-4)}\n')
     raw = parse(text)
     raw["daemon"]["control"] = f"tcp://127.0.0.1:{free_port()}"
     raw["daemon"]["publish"] = f"tcp://127.0.0.1:{free_port()}"
@@ -101,7 +102,8 @@ def test_config_errors_have_key_paths():
         assert key in text, text
 
 
-@pytest.mark.parametrize("method,max_steps", [("model", 8), ("sweep", 60)])
+# method "sweep" runs in test_auto_start_and_fault_pauses_with_reason (converging took 25-37 steps, docs/control.md)
+@pytest.mark.parametrize("method,max_steps", [("model", 8)])
 def test_converges_from_a_random_unitary_within_limits(method, max_steps):
     cfg = make_config(method=method, track=False)
 
@@ -146,3 +148,48 @@ def test_auto_start_and_fault_pauses_with_reason():
     paused, stopped = asyncio.run(with_daemon(cfg, scenario))
     assert "pc_bob" in paused["reason"], paused
     assert stopped["state"] == "stopped" and stopped["adjusting"] is False
+
+
+def test_tracks_drift_through_the_driver_and_pauses_on_a_fault():
+    """Both fibers drift at 1e-3 rad^2/s (10x the default, to be seen in a few simulated minutes); the loop's
+    tracking (method model, no run started) keeps the QBER near (1 - V)/2 with small moves through the MPC320
+    driver, while the same drift with the paddles left alone (computed from the bench's fiber unitaries along
+    the way) goes far above it. Intervals measured while the paddles move count too. Then pc_bob's simulator stops: the next move pauses the loop with the reason."""
+    from drivers.sim.bench import optics as O
+
+    cfg = make_config(drift=1e-3, track=True)  # drift_prior_rad2_per_s = 1e-3 as well (an operator's setting)
+
+    async def scenario(d):
+        lp = d.control.loops["bbm92"]
+        model = d.simulation.model
+        rho = O.werner_state("phi+", model.cfg.source.visibility)
+        rows = []
+
+        def listen(topic, fields, t_begin, t_end):
+            q = fields.get("qber") or {}
+            if topic == "qkd.bbm92" and q.get("Z") is not None and fields.get("kind", "interval") == "interval":
+                p = O.joint_probabilities(rho, model.fiber_unitary("alice"), model.fiber_unitary("bob"),
+                                          (0.0, 45.0), (0.0, 45.0))  # what the paddles at home would give
+                rows.append(((q["Z"] + q["X"]) / 2, (O.qber(p, 0, "phi+") + O.qber(p, 1, "phi+")) / 2,
+                             d.control.adjusting("bbm92")))
+
+        d.acquisition.listeners.append(listen)
+        await wait_for(lambda: len(rows) >= 80, 180, "no statistics")
+        tracked = list(rows)
+        await d.table.call("sim.stop_instrument", {"name": "pc_bob"})
+        await wait_for(lambda: lp.state == "paused", 120, "did not pause")
+        return tracked, lp.status(), apt_moves_counts(d, "pc_bob")
+
+    rows, paused, moves = asyncio.run(with_daemon(cfg, scenario))
+    measured = np.mean([q for q, _, _ in rows[20:]])
+    untouched = np.mean([u for _, u, _ in rows[20:]])
+    adjusting = np.mean([a for _, _, a in rows])
+    assert paused["track_moves"] >= 3 and paused["state"] == "paused" and "pc_bob" in paused["reason"], paused
+    # (at 10x the lab-typical drift; the < 3 % figure over an hour at the typical drift is test_tracking_hour)
+    assert measured < 0.05, (measured, untouched)
+    assert untouched > 2 * measured, (measured, untouched)
+    assert adjusting < 0.5, adjusting
+    from drivers import apt
+
+    lo, hi = apt.degrees_to_counts(5.0), apt.degrees_to_counts(165.0)
+    assert moves and all(lo <= m <= hi for m in moves), moves
