@@ -4,32 +4,44 @@ Alice's key is the reference; Bob corrects his key to hers. Alice is a *parity o
 Bob asks for and nothing else; Bob runs every search. The two sides are separate objects (:class:`CascadeAlice`,
 :class:`CascadeBob`) that only exchange :class:`~daemon.qkd.channel.Message` objects.
 
-Passes. Pass ``p`` orders the key by the affine permutation ``order_p(j) = (a_p*j + c_p) mod n`` (``gcd(a_p, n)
-= 1``; ``a_p, c_p`` drawn from a shared public seed) and cuts it into blocks of ``2**L_p`` positions (the last
-block may be short). Inside a block the binary search descends a dyadic tree: node ``(p, l, i)`` covers positions
-``[i*2**l, (i+1)*2**l)`` (clipped at ``n``). The main passes have block sizes tuned to the QBER estimate
-(``schedule``); then come *checks*: passes with two blocks (``L = ceil(log2 n) - 1``), BICONF-style random
-halves, revealed one parity each.
+Main passes. Pass ``p`` orders the key by the affine permutation ``order_p(j) = (a_p*j + c_p) mod n``
+(``gcd(a_p, n) = 1``; ``a_p, c_p`` drawn from a shared public seed) and cuts it into blocks of ``2**L_p``
+positions (the last block may be short). Inside a block the binary search descends a dyadic tree: node
+``(p, l, i)`` covers positions ``[i*2**l, (i+1)*2**l)`` (clipped at ``n``). Block sizes follow the QBER estimate
+(``schedule``: first ~0.7/Q, second 16x (32x from 4 %), third 64x the second).
+
+Checks. Then come *subset checks*: pass ``p`` is a public pseudo-random subset of the key (each bit in with
+probability 1/2: splitmix64 of a per-pass key from the seed and the word index), one parity each. A residual
+error pattern has odd parity on a uniformly random subset with probability exactly 1/2, so ``final_checks`` clean
+checks leave a residual with probability ~2**-final_checks. A check's parity is one AND per 64-bit word of the
+packed key; an odd check is searched like a pass over the identity order restricted to the subset (empty
+children are skipped for free).
 
 What makes it efficient (f close to 1):
 
-* every parity Alice ever revealed is kept (a hash table of tree nodes), both for the node asked and for its
-  sibling (parent parity xor left parity). A later search that passes through a known node costs nothing; after
-  every correction Bob re-checks *all* passes at once (the Cascade effect), for free;
-* the last top-level block parity of every pass after the first, and block 1 of every check, is inferred from
-  the total parity (known from pass 0) and is not sent;
-* pass ``p+1`` is opened only when passes ``0..p`` hold no odd block any more (no wasted search of an error an
-  earlier pass would have found), but Alice sends all main-pass and check top-level parities in her first
-  message: they do not depend on Bob's corrections, so this costs no extra leak and saves a round trip a pass;
+* every parity Alice ever revealed is kept (main passes: a dense table per pass and level; checks: a hash
+  table), both for the node asked and for its sibling (parent parity xor left parity). A later search that passes
+  through a known node costs nothing; after every correction Bob re-checks *all* passes at once (the Cascade
+  effect), for free;
+* the last top-level block parity of every main pass after the first is inferred from the total parity (known
+  from pass 0) and is not sent;
+* a main pass is opened once the earlier ones are (nearly) settled (``open_ratio``), checks only once nothing is
+  odd (no wasted search of an error an earlier pass would have found), but Alice sends all top-level parities in
+  her first message: they do not depend on Bob's corrections, so this costs no extra leak and saves a round trip
+  a pass;
 * all binary searches of all open passes advance together: one round trip moves every search one level down.
 
-Termination: Bob asks for more checks until ``final_checks`` checks have never shown an odd half (each clean
-check halves the chance a residual error pattern goes unnoticed); then he sends ``cascade.done``. Verification
-(:mod:`daemon.qkd.verification`) follows.
+Speed: both sides keep the key packed in the order of every main pass (``W``), so any node parity is one XOR per
+64 bits; Bob updates those copies on every correction. The kernels avoid helper calls that take arrays (numba
+updates a reference count per array argument).
 
-Messages (see docs/qkd-reconciliation.md): ``cascade.start`` (A->B: seed, n, qber, schedule; disclosed: top-level
-parities), ``cascade.query`` (B->A: arrays p, l, i), ``cascade.parities`` (A->B: disclosed answers),
-``cascade.more`` (B->A: count), ``cascade.checks`` (A->B: disclosed check parities), ``cascade.done`` (B->A).
+Termination: Bob asks for more checks until ``final_checks`` checks have never been odd; then he sends
+``cascade.done``. Verification (:mod:`daemon.qkd.verification`) follows.
+
+Messages (see docs/qkd-reconciliation.md): ``cascade.start`` (A->B: seed, n, qber, levels, checks; disclosed:
+top-level parities), ``cascade.query`` (B->A: array q of packed nodes ``p << 40 | l << 32 | i``; arrays p, l, i
+are accepted too), ``cascade.parities`` (A->B: disclosed answers), ``cascade.more`` (B->A: count),
+``cascade.checks`` (A->B: disclosed check parities), ``cascade.done`` (B->A: corrections).
 """
 
 from __future__ import annotations
@@ -45,7 +57,6 @@ from .channel import Message
 __all__ = ["CascadeParams", "CascadeAlice", "CascadeBob", "schedule", "pass_params", "binary_entropy"]
 
 MAX_N = 1 << 26
-_EMPTY = np.int64(-1)
 
 
 def binary_entropy(q: float) -> float:
@@ -58,16 +69,18 @@ def binary_entropy(q: float) -> float:
 class CascadeParams:
     """Tuning (public; Alice's schedule travels in ``cascade.start``, the rest is each side's own business).
 
-    Defaults from measured sweeps (docs/qkd-reconciliation.md): a first block ~0.7/Q, a second 16x larger (32x
-    from 4 % QBER), a third 64x the second, then subset checks. Larger second blocks lower the leak (fewer
-    parities spent on pairs an earlier pass could not see) but lengthen the pass-0/pass-1 cascade chains, i.e.
-    cost round trips."""
+    Defaults from measured sweeps (docs/qkd-reconciliation.md): a first block ~0.7/Q (~1/Q below 4 % QBER on
+    blocks shorter than ``short_n``, where f has less margin), a second 16x larger (32x from 4 %), a third 128x the
+    second, then subset checks. Larger blocks lower the leak (fewer parities spent on error pairs an earlier pass
+    could not see) but lengthen the pass-0/pass-1 cascade chains, i.e. cost round trips."""
 
-    alpha: float = 0.7        # first block ~ alpha / Q, rounded to a power of two (in log2)
+    alpha: float = 0.7        # first block ~ alpha / Q, rounded to a power of two (in log2) ...
+    alpha_short: float = 1.0  # ... or alpha_short / Q below QBER high_qber on blocks of fewer than short_n bits
+    short_n: int = 400_000
     second: float = 16.0      # second block = second * first (rounded to a power of two) ...
     second_high: float = 32.0  # ... or this factor from QBER high_qber on
     high_qber: float = 0.04
-    growth: int = 6           # log2 of the block-size factor between main passes after the second
+    growth: int = 7           # log2 of the block-size factor between main passes after the second
     final_checks: int = 20    # clean random-subset checks required before "done"
     check_batch: int = 8      # extra checks asked per round when more are needed
     open_ratio: float = 0.5   # open the next main pass once at most open_ratio * (its block count) searches run
@@ -78,7 +91,8 @@ def schedule(n: int, qber: float, params: CascadeParams = CascadeParams()) -> li
     """Top levels (log2 block size) of the main passes for ``n`` bits at estimated ``qber``."""
     q = min(max(qber, 1e-4), 0.2)
     top = max(1, math.ceil(math.log2(n)) - 1)
-    l1 = max(1, min(top, round(math.log2(params.alpha / q))))
+    alpha = params.alpha_short if q < params.high_qber and n < params.short_n else params.alpha
+    l1 = max(1, min(top, round(math.log2(alpha / q))))
     levels = [l1]
     factor = params.second_high if q >= params.high_qber else params.second
     l2 = min(top, l1 + max(1, round(math.log2(factor))))
