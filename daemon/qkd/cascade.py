@@ -69,14 +69,11 @@ def binary_entropy(q: float) -> float:
 class CascadeParams:
     """Tuning (public; Alice's schedule travels in ``cascade.start``, the rest is each side's own business).
 
-    Defaults from measured sweeps (docs/qkd-reconciliation.md): a first block ~0.7/Q (~1/Q below 4 % QBER on
-    blocks shorter than ``short_n``, where f has less margin), a second 16x larger (32x from 4 %), a third 128x the
-    second, then subset checks. Larger blocks lower the leak (fewer parities spent on error pairs an earlier pass
+    Defaults from measured sweeps (docs/qkd-reconciliation.md): a first block ~0.7/Q, a second 16x larger (32x from
+    4 % QBER), a third 128x the second (if below n/2), then subset checks. Larger blocks lower the leak (fewer parities spent on error pairs an earlier pass
     could not see) but lengthen the pass-0/pass-1 cascade chains, i.e. cost round trips."""
 
-    alpha: float = 0.7        # first block ~ alpha / Q, rounded to a power of two (in log2) ...
-    alpha_short: float = 1.0  # ... or alpha_short / Q below QBER high_qber on blocks of fewer than short_n bits
-    short_n: int = 400_000
+    alpha: float = 0.7        # first block ~ alpha / Q, rounded to a power of two (in log2)
     second: float = 16.0      # second block = second * first (rounded to a power of two) ...
     second_high: float = 32.0  # ... or this factor from QBER high_qber on
     high_qber: float = 0.04
@@ -91,8 +88,7 @@ def schedule(n: int, qber: float, params: CascadeParams = CascadeParams()) -> li
     """Top levels (log2 block size) of the main passes for ``n`` bits at estimated ``qber``."""
     q = min(max(qber, 1e-4), 0.2)
     top = max(1, math.ceil(math.log2(n)) - 1)
-    alpha = params.alpha_short if q < params.high_qber and n < params.short_n else params.alpha
-    l1 = max(1, min(top, round(math.log2(alpha / q))))
+    l1 = max(1, min(top, round(math.log2(params.alpha / q))))
     levels = [l1]
     factor = params.second_high if q >= params.high_qber else params.second
     l2 = min(top, l1 + max(1, round(math.log2(factor))))

@@ -138,7 +138,7 @@ def test_subset_checks_find_errors_the_main_passes_cannot_see():
     # one main pass of two blocks (alpha huge); two errors in the same block: only the random-subset checks see them
     from daemon.qkd.cascade import pass_params
     n, seed = 4096, 17
-    p = CascadeParams(alpha=1e9, alpha_short=1e9)
+    p = CascadeParams(alpha=1e9)
     assert schedule(n, 0.01, p) == [11]
     a, _ = _pair(n, 0.0, 3)
     _, c, ainv = pass_params(seed, 0, n)
