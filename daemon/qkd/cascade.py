@@ -829,12 +829,12 @@ class CascadeBob:
     def _step(self, answers: np.ndarray) -> Message:
         if answers.size != self._st[1]:
             raise ValueError(f"expected {self._st[1]} parities, got {answers.size}")
-        self._ensure_table(70 * self.passes.count)  # hash entries: checks only, one search each, < 64 levels
         pp = self.passes
+        if self._st[2] >= pp.n_main:  # hash entries: open checks only, one search each, < 64 levels
+            self._ensure_table(70 * pp.count)
         self.rounds += 1
-        nq = _bob_round(self._bits, self._words, self._W, self.n, pp.P, pp.pmk, self._pfailed, self._st, self._T, self._D,
-                        self._LO, self._keys,
-                        self._vals, self._hcount, self._S, answers)
+        nq = _bob_round(self._bits, self._words, self._W, self.n, pp.P, pp.pmk, self._pfailed, self._st, self._T,
+                        self._D, self._LO, self._keys, self._vals, self._hcount, self._S, answers)
         self.corrections = int(self._st[5])
         if nq:
             S = self._S
