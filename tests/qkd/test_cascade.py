@@ -209,3 +209,18 @@ def test_opening_passes_early_or_late_both_reconcile():
         alice, bob, ea, _ = _run(a, b, 0.03, 8, CascadeParams(open_ratio=ratio))
         assert np.array_equal(bob.key, a) and bob.corrections == int(np.count_nonzero(a != b))
         assert ea.sent.leak_bits == alice.disclosed
+
+
+def test_bench_reconciliation_figures_fields():
+    """The combined benchmark imports this function: it must return the documented fields (values not checked)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "bench" / "qkd_reconciliation.py"
+    spec = importlib.util.spec_from_file_location("qkd_reconciliation_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.reconciliation_figures(qbers=(0.05,), n=3000, blocks=1, ref_n=500, ref_blocks=1)
+    assert len(rows) == 1
+    need = {"qber", "efficiency", "mbit_per_s", "round_trips", "blocks", "failed_blocks", "reference_efficiency",
+            "reference_mbit_per_s"}
+    assert need <= set(rows[0]) and rows[0]["failed_blocks"] == 0 and rows[0]["blocks"] == 1
