@@ -17,7 +17,9 @@ degrees (the MPC320 default is 1 s; only wall time changes).
    give: sifted Z bits in blocks of 1e5, the X bits of the same intervals for parameter estimation, leak_EC =
    f n h(Q_Z) with f = 1.06 (the Cascade efficiency measured in docs/qkd-reconciliation.md: an estimate of
    the leak, not disclosed bits), daemon.qkd.finite_key.secure_length (TLGR 2012, eps_sec 1e-10).
-3. Optionally (``--daemon-minutes``) the same drift comparison at daemon level (tagger, coincidences, APT).
+3. Optionally (``--daemon-minutes``) the same drift comparison at daemon level (tagger, coincidences, APT),
+   with the real key pipeline ([qkd.links.bbm92], stores in a temporary directory): its final key bits
+   (measured leak, not estimated) of the blocks completed in the run.
 4. Delay tracking (daemon level, [control.delay.bbm92_delay]): Bob's fiber 800 ps longer at once
    (sim.set_fiber_delay), then a delay drift of ``--delay-drift`` ps/s for ``--delay-minutes``: the delays'
    total shift against the bench's ground truth, the peak offsets measured while drifting.
@@ -33,6 +35,7 @@ import asyncio
 import json
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +53,7 @@ def free_port() -> int:
 
 
 def config(seed: int, speed: float, drift: float, random_bob: bool, auto: bool, method: str = "model",
-           track: bool = True, delay_tracker: bool = False):
+           track: bool = True, delay_tracker: bool = False, keys: bool = False):
     text = default_config_text()
     text = text.replace("speed = 1.0", f"speed = {speed}").replace('log_format = "auto"', 'log_format = "json"')
     text = text.replace('log_level = "info"', 'log_level = "error"').replace("seed = 1\n", f"seed = {seed}\n")
@@ -63,6 +66,10 @@ def config(seed: int, speed: float, drift: float, random_bob: bool, auto: bool, 
         extra += "auto = false\n"
     text = text.replace('controller = "pc_bob"\n', 'controller = "pc_bob"\n' + extra)
     raw = parse(text)
+    if keys and "qkd" in raw:  # the real key pipeline, its stores in a temporary directory
+        raw["qkd"]["store_dir"] = tempfile.mkdtemp(prefix="qnetd-bench-control-")
+    else:
+        raw.pop("qkd", None)
     raw["daemon"]["control"] = f"tcp://127.0.0.1:{free_port()}"
     raw["daemon"]["publish"] = f"tcp://127.0.0.1:{free_port()}"
     if delay_tracker:
@@ -103,11 +110,15 @@ def drift_run(minutes: float):
     async def scenario(d) -> dict:
         lp = d.control.loops["bbm92"]
         rows: list[tuple[float, float, bool]] = []
+        blocks: list[dict] = []
 
         def listen(topic, fields, t_begin, t_end):
             q = fields.get("qber") or {}
-            if (topic == "qkd.bbm92" and q.get("Z") is not None and q.get("X") is not None
-                    and fields.get("kind", "interval") == "interval"):
+            if topic == "qkd.bbm92" and fields.get("kind") == "block":
+                if rows:  # blocks of the measured stretch only
+                    blocks.append({"bits": int(fields.get("final_key_bits") or 0),
+                                   "aborted": bool(fields.get("aborted"))})
+            elif topic == "qkd.bbm92" and q.get("Z") is not None and q.get("X") is not None:
                 rows.append((t_end * PS, (q["Z"] + q["X"]) / 2, d.control.adjusting("bbm92")))
 
         d.acquisition.listeners.append(listen)
@@ -119,7 +130,9 @@ def drift_run(minutes: float):
                 "mean_qber": sum(all_q) / len(all_q), "max_qber": max(all_q),
                 "adjusting_share": 1 - len(kept) / len(rows),
                 "mean_qber_not_adjusting": sum(kept) / len(kept) if kept else None, "runs": lp.runs,
-                "track_moves": lp.track_moves}
+                "track_moves": lp.track_moves, "key_blocks": len(blocks),
+                "key_blocks_aborted": sum(b["aborted"] for b in blocks),
+                "final_key_bits": sum(b["bits"] for b in blocks)}
     return scenario
 
 
@@ -190,9 +203,10 @@ def main() -> None:
                key_bits_compensated=comp["key_bits"], key_bits_uncompensated=unc["key_bits"], f_ec=1.06,
                drift_rad2_per_s=a.drift, drift_sim_hours=a.hours, compensated=comp, uncompensated=unc)
     if a.daemon_minutes > 0:
-        dcomp = asyncio.run(with_daemon(config(a.seed, a.speed, a.drift, False, True), drift_run(a.daemon_minutes)))
+        dcomp = asyncio.run(with_daemon(config(a.seed, a.speed, a.drift, False, True, keys=True),
+                                        drift_run(a.daemon_minutes)))
         print("daemon, compensated:", json.dumps(dcomp), flush=True)
-        dunc = asyncio.run(with_daemon(config(a.seed, a.speed, a.drift, False, False, "model", False),
+        dunc = asyncio.run(with_daemon(config(a.seed, a.speed, a.drift, False, False, "model", False, keys=True),
                                        drift_run(a.daemon_minutes)))
         print("daemon, uncompensated:", json.dumps(dunc), flush=True)
         out.update(daemon_compensated=dcomp, daemon_uncompensated=dunc)

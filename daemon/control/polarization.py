@@ -322,6 +322,14 @@ class PolarizationLoop:
                 return
             tracker = self.tracker
             assert tracker is not None
+            pos = [float(x) for x in await self._call("positions")]
+            if any(abs(a - b) > 0.3 for a, b in zip(pos, self.paddles)):
+                # moved by someone else (an RPC, a panel): the data so far were taken elsewhere
+                self.log.info("paddles moved outside the loop: tracking restarts", paddles=pos, expected=self.paddles)
+                self.paddles = pos
+                tracker.reset()
+                self._last_track_ps = None
+                return
             current = list(self.paddles)
             target, info = await asyncio.to_thread(tracker.propose, t_end / PS_PER_S, current)
             self.model_info = _round_info(info)
@@ -441,8 +449,14 @@ class PolarizationLoop:
         degrees = round(min(self.hi, max(self.lo, float(degrees))), 3)  # clamp first: never outside limits
         await self._call("move", {"paddle": paddle, "degrees": degrees})
         assert self.paddles is not None
-        self.paddles[paddle] = degrees
-        return degrees
+        # where it actually is: the controller's resolution (MPC320: 1370 counts over 170 degrees, 0.124 degree)
+        # rounds the command, and the channel model must use the real angle
+        try:
+            actual = float((await self._call("positions"))[paddle])
+        except (IndexError, TypeError, ValueError):
+            actual = degrees
+        self.paddles[paddle] = actual
+        return actual
 
     async def _measure(self) -> float:
         """Cost QBER_Z + QBER_X (summed error counts / sifted) over measure_intervals intervals that start

@@ -40,6 +40,7 @@ def make_config(*, seed: int = 3, speed: float = 25.0, auto: bool = False, limit
                         f'controller = "pc_bob"\nmethod = "{method}"\ntrack = {str(track).lower()}\n'
                         f'drift_prior_rad2_per_s = {max(drift, 1e-4)}\n')
     raw = parse(text)
+    raw.pop("qkd", None)  # no key pipeline (and no key store written) in these tests
     raw["daemon"]["control"] = f"tcp://127.0.0.1:{free_port()}"
     raw["daemon"]["publish"] = f"tcp://127.0.0.1:{free_port()}"
     return validate(raw, "test")
@@ -193,3 +194,25 @@ def test_tracks_drift_through_the_driver_and_pauses_on_a_fault():
 
     lo, hi = apt.degrees_to_counts(5.0), apt.degrees_to_counts(165.0)
     assert moves and all(lo <= m <= hi for m in moves), moves
+
+
+def test_block_messages_are_ignored_and_intervals_are_not():
+    """qkd.<link> carries per-interval statistics (kind interval, or no kind) and per-key-block messages (kind
+    block): only the former feed the loop."""
+    from types import SimpleNamespace
+
+    from daemon.control.polarization import FIELDS, PolarizationLoop
+    from drivers.params import validate_table
+
+    errors: list = []
+    cfg = validate_table({"link": "bbm92", "controller": "pc_bob", "auto": False, "track": False}, FIELDS, "t", errors)
+    assert not errors
+    sup = SimpleNamespace(name="pc_bob", cfg=SimpleNamespace(limits={"angle_deg": (0.0, 170.0)}))
+    lp = PolarizationLoop("bbm92", cfg, sup, lambda *a: None, lambda: None)
+    fields = {"qber": {"Z": 0.01, "X": 0.01}, "sifted": {"Z": 100, "X": 100}}
+    lp.on_message("qkd.bbm92", {**fields, "kind": "block"}, 0, 5 * 10**12)
+    assert lp._t_last_ps == 0
+    lp.on_message("qkd.bbm92", fields, 0, 10**12)
+    assert lp._t_last_ps == 10**12
+    lp.on_message("qkd.bbm92", {**fields, "kind": "interval"}, 10**12, 2 * 10**12)
+    assert lp._t_last_ps == 2 * 10**12
