@@ -75,19 +75,23 @@ def encode(msg: Message) -> bytes:
         wire = _WIRE_DTYPES.get(a.dtype)
         if wire is None:
             raise TypeError(f"array {name!r}: dtype {a.dtype} not allowed on the wire")
-        specs.append(f'[{_jstr(name)},"{wire[0]}",[{",".join(str(int(x)) for x in a.shape)}]]')
+        sh = a.shape
+        dims = str(sh[0]) if len(sh) == 1 else ",".join([str(int(x)) for x in sh])
+        specs.append(f'[{_jstr(name)},"{wire[0]}",[{dims}]]')
         chunks.append(a.tobytes() if _LITTLE or a.dtype.itemsize == 1 else a.astype(wire[1]).tobytes())
     bits = b""
     nbits = 0
-    if msg.disclosed is not None:
-        d = np.asarray(msg.disclosed, dtype=np.uint8).ravel()
-        nbits = int(d.size)
+    d = msg.disclosed
+    if d is not None:
+        if not (isinstance(d, np.ndarray) and d.dtype == np.uint8 and d.ndim == 1):
+            d = np.asarray(d, dtype=np.uint8).ravel()
+        nbits = d.size
         if nbits and d.tobytes().translate(None, _BITS01):
             raise ValueError("disclosed bits must be 0/1")
         bits = np.packbits(d, bitorder="little").tobytes()
     meta = json.dumps(msg.meta, separators=(",", ":")) if msg.meta else "{}"
     header = f'{{"kind":{_jstr(msg.kind)},"meta":{meta},"arrays":[{",".join(specs)}],"nbits":{nbits}}}'.encode()
-    return b"".join([struct.pack("<I", len(header)), header, *chunks, bits])
+    return b"".join([len(header).to_bytes(4, "little"), header, *chunks, bits])
 
 
 _HEADERS: dict[bytes, dict] = {}  # parsed meta-less headers (they repeat: same kinds, counts and shapes)
