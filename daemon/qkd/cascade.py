@@ -245,9 +245,9 @@ def _answer(W, words, n, P, pmk, qp, ql, qi, out):
         i = np.int64(qi[q])
         if p < 0 or p >= npass or lv < 0 or lv >= pL[p]:
             raise ValueError("query outside the passes")
-        lo = i << lv
-        if i < 0 or lo >= n:
+        if i < 0 or i > (n - 1) >> lv:
             raise ValueError("query outside the key")
+        lo = i << lv
         hi = lo + (np.int64(1) << lv)
         if pk[p]:
             out[q] = _subset_parity(words, n, pmk[p], lo, hi)
@@ -268,9 +268,9 @@ def _answer_packed(W, words, n, P, pmk, qk, out):
         i = np.int64(k & np.uint64(0xFFFFFFFF))
         if p >= npass or lv >= pL[p]:
             raise ValueError("query outside the passes")
-        lo = i << lv
-        if lo >= n:
+        if i > (n - 1) >> lv:
             raise ValueError("query outside the key")
+        lo = i << lv
         hi = lo + (np.int64(1) << lv)
         if pk[p]:
             out[q] = _subset_parity(words, n, pmk[p], lo, hi)

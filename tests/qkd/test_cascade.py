@@ -224,3 +224,17 @@ def test_bench_reconciliation_figures_fields():
     need = {"qber", "efficiency", "mbit_per_s", "round_trips", "blocks", "failed_blocks", "reference_efficiency",
             "reference_mbit_per_s"}
     assert need <= set(rows[0]) and rows[0]["failed_blocks"] == 0 and rows[0]["blocks"] == 1
+
+
+def test_query_index_overflow_is_rejected():
+    from daemon.qkd.channel import Message
+    a, _ = _pair(1000, 0.05, 2)
+    alice = CascadeAlice(a, 0.05, 2)
+    alice.start()
+    with pytest.raises(ValueError):  # i << l would wrap around to a valid-looking position
+        alice.on_message(Message("cascade.query", arrays={"p": np.array([0], np.uint16), "l": np.array([2], np.uint8),
+                                                          "i": np.array([1 << 62], np.int64)}))
+    with pytest.raises(ValueError):
+        alice.on_message(Message("cascade.query", arrays={"q": np.array([(0 << 40) | (2 << 32) | 250], np.uint64)}))
+    ok = alice.on_message(Message("cascade.query", arrays={"q": np.array([(0 << 40) | (2 << 32) | 249], np.uint64)}))
+    assert ok.nbits == 1
