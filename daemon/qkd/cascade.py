@@ -335,12 +335,13 @@ def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hco
     """One step of Bob: apply Alice's answers, run every search as far as known parities allow, correct, cascade,
     open passes when the open ones are settled, and emit the next queries.
 
-    ``st`` = [n_searches, n_queries, n_open, n_pass, stamp, corrections, 1000 * open_ratio, n_main,
-    checks_at_once]; updated
-    in place. ``P`` holds the pass rows (a, c, a^-1, L, kind, top offset, blocks), ``T`` the top-level rows (Alice's
-    parity, Bob's parity, search mark, touch stamp), ``S`` the search rows (pass, level, index; query -> search,
-    Bob's left parity; query pass, level, index; flips). Few arguments: numba's dispatch costs ~0.3 us each.
-    Returns the number of queries written to S[5] (packed ``p << 40 | l << 32 | i``)."""
+    ``st`` = [n_searches, n_queries, n_open, n_pass, waves, corrections, 1000 * open_ratio, n_main,
+    checks_at_once]; updated in place. ``P`` holds the pass rows (a, c, a^-1, L, kind, top offset, blocks), ``T``
+    the top-level rows (Alice's parity, Bob's parity, 1 + the live search of the block or 0, spare), ``S`` the search
+    rows (pass, level, index; query -> search, Bob's parity of the queried node; packed query; -; -; flips); ``D`` /
+    ``LO`` the known parities of the main passes below the top (offset of (pass, level)), ``keys``/``vals`` those of
+    the checks. Few arguments: numba's dispatch costs ~0.3 us each. Returns the number of queries written to S[5]
+    (packed ``p << 40 | l << 32 | i``)."""
     pa = P[0]
     pc = P[1]
     pinv = P[2]
@@ -351,7 +352,6 @@ def _bob_round(bits, words, W, n, P, pmk, pfailed, st, T, D, LO, keys, vals, hco
     atop = T[0]
     btop = T[1]
     tsearch = T[2]
-    tstamp = T[3]
     s_p = S[0]
     s_l = S[1]
     s_i = S[2]
