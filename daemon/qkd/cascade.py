@@ -734,6 +734,7 @@ class CascadeBob:
         self.passes: _Passes | None = None
         self.corrections = 0
         self.rounds = 0
+        self._asked = 0  # checks requested by the last cascade.more, not yet received
 
     def start(self) -> None:
         return None
@@ -817,8 +818,9 @@ class CascadeBob:
         if msg.kind == "cascade.parities":
             return self._step(msg.disclosed if msg.disclosed is not None else np.zeros(0, np.uint8))
         if msg.kind == "cascade.checks":
-            if self._st[1] or int(msg.meta["count"]) != self._asked:
+            if self._st[1] or not self._asked or int(msg.meta["count"]) != self._asked:
                 raise ValueError("CascadeBob: unexpected cascade.checks")
+            self._asked = 0
             p0 = self.passes.count
             self.passes.add([], int(msg.meta["count"]))
             self._grow_tops(msg.disclosed if msg.disclosed is not None else np.zeros(0, np.uint8), p0)
