@@ -55,7 +55,8 @@ def test_identical_keys_in_both_stores(start_daemon, tmp_path):
     assert all(not b["aborted"] for b in got), got
     for b in got:
         assert b["key_bits_in"] == 20_000 and b["final_key_bits"] > 0 and b["final_key_bits"] % 256 == 0
-        assert 0.005 < b["qber_z"] < 0.02 and 0.005 < b["qber_x"] < 0.02  # (1 - V)/2 = 1 % at V = 0.98
+        # (1 - V)/2 = 1 % at V = 0.98, plus the fiber drift of the default testbed (compensation is off here)
+        assert 0.005 < b["qber_z"] < 0.05 and 0.005 < b["qber_x"] < 0.05
         assert b["leak_ec"] == b["leak_wire_bits"] and 1.0 < b["efficiency"] < 1.3
         assert b["secret_key_rate_bps"] > 0 and b["finite_key"]["length"] >= b["final_key_bits"]
     status = d.client.call("keys.status")["links"]["bbm92"]
