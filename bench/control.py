@@ -112,14 +112,25 @@ def drift_run(minutes: float):
         rows: list[tuple[float, float, bool]] = []
         blocks: list[dict] = []
 
+        states: list[tuple[float, str, str | None, int]] = []
+
         def listen(topic, fields, t_begin, t_end):
             q = fields.get("qber") or {}
-            if topic == "qkd.bbm92" and fields.get("kind") == "block":
-                if rows:  # blocks of the measured stretch only
-                    blocks.append({"bits": int(fields.get("final_key_bits") or 0),
-                                   "aborted": bool(fields.get("aborted"))})
-            elif topic == "qkd.bbm92" and q.get("Z") is not None and q.get("X") is not None:
+            if (topic == "qkd.bbm92" and fields.get("kind", "interval") == "interval"
+                    and q.get("Z") is not None and q.get("X") is not None):
                 rows.append((t_end * PS, (q["Z"] + q["X"]) / 2, d.control.adjusting("bbm92")))
+
+        publish = d.publisher.publish
+
+        def tap(topic, fields, *args, **kw):  # key blocks and loop states go to the publisher only
+            if topic == "qkd.bbm92" and fields.get("kind") == "block" and rows:
+                blocks.append({"bits": int(fields.get("final_key_bits") or 0), "aborted": bool(fields.get("aborted"))})
+            elif topic == "control.bbm92" and (not states or states[-1][1] != fields.get("state")):
+                states.append((round((d.acquisition.last_t_end_ps or 0) * PS, 1), fields.get("state"),
+                               fields.get("reason"), fields.get("steps")))
+            return publish(topic, fields, *args, **kw)
+
+        d.publisher.publish = tap
 
         d.acquisition.listeners.append(listen)
         while not rows or rows[-1][0] - rows[0][0] < minutes * 60:
@@ -132,7 +143,8 @@ def drift_run(minutes: float):
                 "mean_qber_not_adjusting": sum(kept) / len(kept) if kept else None, "runs": lp.runs,
                 "track_moves": lp.track_moves, "key_blocks": len(blocks),
                 "key_blocks_aborted": sum(b["aborted"] for b in blocks),
-                "final_key_bits": sum(b["bits"] for b in blocks)}
+                "final_key_bits": sum(b["bits"] for b in blocks),
+                "runs_log": [st for st in states if st[1] not in ("tracking", "idle")]}
     return scenario
 
 

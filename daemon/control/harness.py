@@ -74,7 +74,7 @@ def key_bits(rows: list[dict], block_bits: int = 100_000, f_ec: float = 1.06) ->
 
 
 def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = True, seed: int = 1,
-        interval_s: float = 1.0, track_s: float = 5.0, memory_s: float = 120.0, min_gain: float = 0.003,
+        interval_s: float = 1.0, track_s: float = 5.0, memory_s: float = 30.0, min_gain: float = 0.003,
         move_s_per_100deg: float = 1.0, settle_s: float = 0.1, limits: tuple[float, float] = (0.0, 170.0),
         initial_unitary: str = "identity", move_penalty_per_deg: float = 3e-4,
         drift_prior_rad2_per_s: float = 1e-4) -> dict[str, Any]:
@@ -94,6 +94,8 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
     n_int = int(round(hours * 3600 / interval_s))
     busy_until = -1.0  # simulated second until which a move (plus settle) lasts
     last_track = 0.0
+    verify = False
+    from daemon.control.polarization import VERIFY_S as verify_s
     rows: list[dict] = []
     moves = 0
     transit: list[tuple[float, list[float]]] = []  # (duration s, paddles) of a move in progress, in order
@@ -132,8 +134,9 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
         if not compensate or adjusting:
             continue
         tracker.add(t1, paddles, m)
-        if t1 - last_track >= track_s:
+        if t1 - last_track >= (min(track_s, verify_s) if verify else track_s):
             last_track = t1
+            verify = False
             target, _info = tracker.propose(t1, paddles)
             if target is not None:
                 # the driver moves one paddle after the other; the path in steps of at most 5 degrees
@@ -152,6 +155,8 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
                 busy_until = t1 + travel_s + settle_s
                 paddles = list(target)
                 moves += 1
+                verify = True  # the daemon's loop decides again VERIFY_S after a move
+                last_track = busy_until
     q = np.array([(r["qz"] + r["qx"]) / 2 for r in rows])
     kept = [r for r in rows if not r["adjusting"]]
     qk = np.array([(r["qz"] + r["qx"]) / 2 for r in kept]) if kept else np.array([math.nan])

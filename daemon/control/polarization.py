@@ -56,6 +56,7 @@ from drivers.params import REQUIRED, Field, ParamError, validate_table
 
 PS_PER_S = 1_000_000_000_000
 MIN_STEP_DEG = 0.5  # local steps are halved down to this before a run gives up
+VERIFY_S = 2.0  # tagger seconds of data after a tracking move before the next decision
 
 FIELDS: dict[str, Field] = {
     "enabled": Field(bool, True, doc="false: the loop is not created"),
@@ -92,11 +93,12 @@ FIELDS: dict[str, Field] = {
                             doc="predicted decrease of QBER Z + QBER X that justifies a tracking move"),
     "drift_prior_rad2_per_s": Field(float, 1e-4, unit="rad^2/s", min=0.0, max=100.0,
                                     doc="expected fiber drift: how fast older measurements lose weight in the fit"),
-    "memory_s": Field(float, 120.0, unit="s", min=1.0, max=86400.0,
+    "memory_s": Field(float, 30.0, unit="s", min=1.0, max=86400.0,
                       doc="tagger seconds of measurements kept for the channel fit"),
     "move_penalty_per_deg": Field(float, 3e-4, min=0.0, max=1.0,
-                                  doc="predicted fidelity a degree of paddle travel must buy (the paddles pass "
-                                      "through bad settings while they move): prefers near, small moves"),
+                                  doc="tracking: predicted fidelity a degree of paddle travel must buy (the paddles "
+                                      "pass through bad settings while they move): near, small moves; not applied "
+                                      "while the predicted QBER is above threshold_qber, nor in runs"),
 }
 
 TOPICS: dict[str, dict[str, Any]] = {
@@ -241,6 +243,7 @@ class PolarizationLoop:
         self._settle_until_ps = 0
         self._track_task: asyncio.Task[None] | None = None
         self._last_track_ps: int | None = None
+        self._verify = False
 
     # -- feed ------------------------------------------------------------------------------------------
     def on_message(self, topic: str, fields: dict[str, Any], t_begin: int, t_end: int) -> None:
@@ -293,7 +296,8 @@ class PolarizationLoop:
                                  tuple(self._link.get("bob_angles_deg", (0.0, 45.0))), self.lo, self.hi)
             self.tracker = Tracker(model, memory_s=self.cfg["memory_s"], min_gain=self.cfg["track_min_gain"],
                                    paddles=self.cfg["paddles"], drift_rad2_per_s=self.cfg["drift_prior_rad2_per_s"],
-                                   move_weight=self.cfg["move_penalty_per_deg"])
+                                   move_weight=self.cfg["move_penalty_per_deg"],
+                                   urgent_qber=self.cfg["threshold_qber"])
         return self.tracker
 
     def _track_feed(self, fields: dict[str, Any], t_begin: int, t_end: int) -> None:
@@ -308,7 +312,11 @@ class PolarizationLoop:
         tracker.add(t_end / PS_PER_S, self.paddles, fields["matrix"])
         if self._last_track_ps is None:
             self._last_track_ps = t_begin
-        if t_end - self._last_track_ps >= self.cfg["track_s"] * PS_PER_S:
+        # right after a move, decide again after VERIFY_S: the data on both sides of the move resolve the fit's
+        # two-fold ambiguity, so a move made on the wrong branch is undone within seconds
+        wait_s = min(self.cfg["track_s"], VERIFY_S) if self._verify else self.cfg["track_s"]
+        if t_end - self._last_track_ps >= wait_s * PS_PER_S:
+            self._verify = False
             self._last_track_ps = t_end
             self._track_task = asyncio.create_task(self._track(t_end), name=f"control-{self.name}-track")
 
@@ -346,6 +354,8 @@ class PolarizationLoop:
                 self._moving = False
                 self._settle_until_ps = (self._now_ps() or self._t_last_ps) + int(self.cfg["settle_s"] * PS_PER_S)
             self.track_moves += 1
+            self._verify = True
+            self._last_track_ps = None
             self.state, self.reason = (prev if prev != "tracking" else "idle"), self.reason
             self.publish()
         except DeviceFault as e:
@@ -523,7 +533,7 @@ class PolarizationLoop:
             if self.tracker is None:
                 break  # no coincidence matrix in the feed: the model cannot be used
             target, info = await asyncio.to_thread(self.tracker.propose, self._meas_t_s, list(self.paddles),
-                                                   False, 0.0)
+                                                   False, 0.0, 2e-5)  # a run: the best setting, wherever
             self.model_info = _round_info(info)
             if target is None:
                 break

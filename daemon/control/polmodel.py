@@ -324,10 +324,11 @@ class Tracker:
     when it still fits, else globally) and returns the paddles to go to when that lowers the predicted
     QBER Z + QBER X by at least ``min_gain``."""
 
-    def __init__(self, model: ChannelModel, *, memory_s: float = 120.0, min_gain: float = 0.002,
+    def __init__(self, model: ChannelModel, *, memory_s: float = 30.0, min_gain: float = 0.002,
                  paddles: Sequence[int] = (0, 1, 2), refit_residual: float = 9.0, chunk_s: float = 5.0,
-                 drift_rad2_per_s: float = 1e-4, move_weight: float = 3e-4) -> None:
+                 drift_rad2_per_s: float = 1e-4, move_weight: float = 3e-4, urgent_qber: float = 0.03) -> None:
         self.model = model
+        self.urgent_qber = float(urgent_qber)
         self.move_weight = float(move_weight)
         self.memory_s = float(memory_s)
         self.min_gain = float(min_gain)
@@ -388,13 +389,18 @@ class Tracker:
         return float(q[0]), float(q[1])
 
     def propose(self, now_s: float, current: Sequence[float], force_global: bool = False,
-                min_gain: float | None = None) -> tuple[list[float] | None, dict]:
+                min_gain: float | None = None, move_weight: float | None = None) -> tuple[list[float] | None, dict]:
         """(target paddles or None, info): fit, then the best setting if it gains at least min_gain."""
         min_gain = self.min_gain if min_gain is None else min_gain
         if not self.fit(now_s, force_global):
             return None, {"reason": "no data"}
-        target, fid = self.model.best_paddles(self.g, current, self.paddles, move_weight=self.move_weight)
-        now_q, new_q = self.predicted(current), self.predicted(target)
+        now_q = self.predicted(current)
+        # travel is penalized while the channel is good (small, near moves); when it is bad (max QBER above
+        # urgent_qber) or for a run (move_weight given), the best setting wherever it is
+        if move_weight is None:
+            move_weight = self.move_weight if max(now_q) <= self.urgent_qber else 2e-5
+        target, fid = self.model.best_paddles(self.g, current, self.paddles, move_weight=move_weight)
+        new_q = self.predicted(target)
         gain = sum(now_q) - sum(new_q)
         info = {"predicted_now": now_q, "predicted_target": new_q, "gain": gain, "fidelity": fid,
                 "visibility": self.v, "residual": self.residual}
