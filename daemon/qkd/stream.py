@@ -38,6 +38,9 @@ def _clusters_until(s, code, window, horizon, out_a, out_b):  # pragma: no cover
         t0 = s[i]
         if t0 + window > horizon:
             break
+        if i + 1 == n or s[i + 1] - t0 >= window:  # a lone tag: one side only, never an event
+            i += 1
+            continue
         ma = 0
         mb = 0
         while i < n and s[i] - t0 < window:
@@ -71,15 +74,45 @@ def _split(t, ch, code_lut, delay_lut, group_lut, out_s, out_c, counts):  # prag
 
 @njit(cache=True, nogil=True)
 def _merge(carry_s, carry_c, grp_s, grp_c, counts, out_s, out_c):  # pragma: no cover - jit
-    """k-way merge of the sorted carry and the sorted group runs (k <= 9: a linear scan of the heads)."""
+    """Merge the sorted carry and the sorted group runs. One or two delay groups (the usual case: Alice's and
+    Bob's fibers) merge with scalar cursors; more groups use a scan of the heads (k <= 9)."""
     ng = counts.shape[0]
+    nc = carry_s.shape[0]
+    big = np.iinfo(np.int64).max
+    if ng <= 2:
+        na = counts[0]
+        nb = counts[1] if ng == 2 else 0
+        i = 0
+        j = 0
+        m = 0
+        k = 0
+        total = nc + na + nb
+        vc = carry_s[0] if nc > 0 else big
+        va = grp_s[0, 0] if na > 0 else big
+        vb = grp_s[1, 0] if nb > 0 else big
+        while k < total:
+            if va <= vb and va <= vc:
+                out_s[k] = va
+                out_c[k] = grp_c[0, i]
+                i += 1
+                va = grp_s[0, i] if i < na else big
+            elif vb <= vc:
+                out_s[k] = vb
+                out_c[k] = grp_c[1, j]
+                j += 1
+                vb = grp_s[1, j] if j < nb else big
+            else:
+                out_s[k] = vc
+                out_c[k] = carry_c[m]
+                m += 1
+                vc = carry_s[m] if m < nc else big
+            k += 1
+        return total
     pos = np.zeros(ng, np.int64)
     ci = 0
-    nc = carry_s.shape[0]
     total = nc
     for g in range(ng):
         total += counts[g]
-    big = np.iinfo(np.int64).max
     for k in range(total):
         best = carry_s[ci] if ci < nc else big
         src = -1
