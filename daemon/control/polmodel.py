@@ -29,6 +29,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from drivers.paddles import controller_unitaries
+
 _S = 1.0 / math.sqrt(2.0)
 # |B> as a 2x2 matrix: |B> = sum B[a, b] |a>|b> (Alice first)
 BELL_MATRICES: dict[str, np.ndarray] = {
@@ -40,23 +42,6 @@ BELL_MATRICES: dict[str, np.ndarray] = {
 _SX = np.array([[0, 1], [1, 0]], complex)
 _SY = np.array([[0, -1j], [1j, 0]], complex)
 _SZ = np.array([[1, 0], [0, -1]], complex)
-
-
-def _retarders(delta: float, phi: np.ndarray) -> np.ndarray:
-    c, s = np.cos(phi), np.sin(phi)
-    e1, e2 = np.exp(-0.5j * delta), np.exp(0.5j * delta)
-    m = np.empty(phi.shape + (2, 2), complex)
-    m[..., 0, 0] = c * c * e1 + s * s * e2
-    m[..., 0, 1] = c * s * (e1 - e2)
-    m[..., 1, 0] = c * s * (e1 - e2)
-    m[..., 1, 1] = s * s * e1 + c * c * e2
-    return m
-
-
-def controller_unitaries(angles_deg: np.ndarray) -> np.ndarray:
-    """MPC320 (lambda/4, lambda/2, lambda/4 loops) Jones matrices for paddle angles of shape (..., 3), degrees."""
-    a = np.radians(np.asarray(angles_deg, float))
-    return _retarders(math.pi / 2, a[..., 2]) @ _retarders(math.pi, a[..., 1]) @ _retarders(math.pi / 2, a[..., 0])
 
 
 def su2(g: np.ndarray) -> np.ndarray:

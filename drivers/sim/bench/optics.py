@@ -21,6 +21,9 @@ import math
 
 import numpy as np
 
+from drivers.paddles import controller_unitaries
+from drivers.paddles import retarders as _retarders
+
 __all__ = [
     "BELL_SIGNS",
     "BELL_STATES",
@@ -72,24 +75,6 @@ def rotation(phi: float) -> np.ndarray:
 def retarder(delta: float, phi: float) -> np.ndarray:
     """Jones matrix of a retarder of retardance ``delta`` (rad) with its fast axis at ``phi`` (rad)."""
     return rotation(-phi) @ np.diag([np.exp(-0.5j * delta), np.exp(0.5j * delta)]) @ rotation(phi)
-
-
-def _retarders(delta: float, phi: np.ndarray) -> np.ndarray:
-    """Batched :func:`retarder` for an array of axis angles (rad): shape phi.shape + (2, 2)."""
-    c, s = np.cos(phi), np.sin(phi)
-    e1, e2 = np.exp(-0.5j * delta), np.exp(0.5j * delta)
-    m = np.empty(phi.shape + (2, 2), complex)
-    m[..., 0, 0] = c * c * e1 + s * s * e2
-    m[..., 0, 1] = c * s * (e1 - e2)
-    m[..., 1, 0] = c * s * (e1 - e2)
-    m[..., 1, 1] = s * s * e1 + c * c * e2
-    return m
-
-
-def controller_unitaries(angles_deg: np.ndarray) -> np.ndarray:
-    """Batched polarization controller unitaries for paddle angles of shape (..., 3) in degrees."""
-    a = np.radians(np.asarray(angles_deg, float))
-    return _retarders(math.pi / 2, a[..., 2]) @ _retarders(math.pi, a[..., 1]) @ _retarders(math.pi / 2, a[..., 0])
 
 
 def controller_unitary(angles_deg) -> np.ndarray:
