@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
+from .cascade import _fold
 from .channel import Message
 
 __all__ = ["tag_bits_for", "toeplitz_tag", "VerifyAlice", "VerifyBob"]
@@ -50,13 +51,7 @@ def _toeplitz(xw, sw, t):
             back = np.uint64(64) - sh
             for w in range(nw):
                 acc ^= xw[w] & ((sw[w + q] >> sh) | (sw[w + q + 1] << back))
-        acc ^= acc >> np.uint64(32)
-        acc ^= acc >> np.uint64(16)
-        acc ^= acc >> np.uint64(8)
-        acc ^= acc >> np.uint64(4)
-        acc ^= acc >> np.uint64(2)
-        acc ^= acc >> np.uint64(1)
-        out[r] = np.uint8(acc & np.uint64(1))
+        out[r] = _fold(acc)
     return out
 
 
