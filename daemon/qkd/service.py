@@ -233,7 +233,11 @@ class KeyService:
                           final_key_bits=fields["final_key_bits"], keys=fields["keys"])
             self._publish_block(name, fields)
             if keys and self.cfg["links"][name]["delivery"] == "push":
-                await self._push(name, fields, keys)
+                try:
+                    await self._push(name, fields, keys)
+                except Exception as e:  # noqa: BLE001 - a store error: these keys stay undelivered, the link goes on
+                    self.log.error("key push failed", link=name, block_id=fields["block_id"],
+                                   error=f"{type(e).__name__}: {e}")
 
     def _publish_block(self, name: str, fields: dict[str, Any]) -> None:
         if self.publisher is not None:
