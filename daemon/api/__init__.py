@@ -1,3 +1,3 @@
 """The ZeroMQ API: JSON-RPC control (ROUTER) and multipart publish (PUB). Normative spec: docs/protocol.md."""
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
