@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import pytest
 
@@ -103,3 +105,92 @@ def test_overflow_batch_is_not_sifted():
     bad = TagBatch(b.timestamps, b.channels, b.t_begin, b.t_end, TagFlags.OVERFLOW)
     kl.feed(bad)
     assert kl.sifter.counters.coincidences == 0 and kl.sifter.counters.broken_batches == 1
+
+
+# -- the RPC methods on a KeyService with two links (no daemon) ---------------------------------------------------
+def _service(tmp_path, *, curve: bool, deliver_without_curve: bool = False):
+    import asyncio  # noqa: F401 - used by the callers
+
+    from daemon.api.methods import MethodTable
+    from daemon.qkd.service import KeyService
+
+    lk = {"alice": [0, 1, 2, 3], "bob": [4, 5, 6, 7], "bell_state": "phi+"}
+    analysis = {"links": [{"name": "a", **lk}, {"name": "b", **lk}]}
+    cfg = {"store_dir": str(tmp_path / "keys"), "deliver_without_curve": deliver_without_curve,
+           "links": {n: {**{k: f.default for k, f in LINK_FIELDS.items()}, "block_bits": 20_000}
+                     for n in ("a", "b")}}
+    svc = KeyService(cfg, analysis, _Pipe(), None, curve=curve)
+    table = MethodTable()
+    svc.register(table)
+    return svc, table
+
+
+def _fill(svc, name: str) -> int:
+    """Run one block of correlated bits through the link (protocol + both stores); returns the keys stored."""
+    from daemon.qkd.link import Block
+
+    rng = np.random.default_rng(11)
+    z = rng.integers(0, 2, 20_000, dtype=np.uint8)
+    x = rng.integers(0, 2, 20_000, dtype=np.uint8)
+    bz = z ^ (rng.random(z.size) < 0.01).astype(np.uint8)
+    bx = x ^ (rng.random(x.size) < 0.01).astype(np.uint8)
+    fields = svc.links[name].process(Block("blk", z, bz, x, bx, 0, 10**12, 80_000))
+    assert not fields["aborted"], fields["abort_reason"]
+    return fields["keys"]
+
+
+def test_rpc_link_choice_delivery_and_consumption(tmp_path):
+    import asyncio
+
+    from daemon.api import errors
+
+    async def run() -> None:
+        svc, table = _service(tmp_path, curve=True)
+        await svc.start()
+        try:
+            n = await asyncio.to_thread(_fill, svc, "a")
+            assert n > 2
+            with pytest.raises(errors.InvalidParams, match="several key links"):
+                await table.call("keys.get", {})
+            with pytest.raises(errors.InvalidParams, match="no key link"):
+                await table.call("keys.get", {"link": "zz"})
+            with pytest.raises(errors.InvalidParams, match="256 bits"):
+                await table.call("keys.get", {"link": "a", "size_bits": 128})
+            with pytest.raises(errors.KeyUnavailable):  # link b has no keys: nothing consumed anywhere
+                await table.call("keys.get", {"link": "b"})
+            got = await table.call("keys.get", {"link": "a", "number": 2})
+            ids = [k["key_id"] for k in got["keys"]]
+            with pytest.raises(errors.KeyUnavailable):  # all or none: one ID consumed on Alice's side already
+                await table.call("keys.get_by_id", {"link": "a", "key_ids": ids + ["not-a-uuid"]})
+            bob = await table.call("keys.get_by_id", {"link": "a", "key_ids": ids})
+            assert [k["key"] for k in bob["keys"]] == [k["key"] for k in got["keys"]]
+            with pytest.raises(errors.KeyUnavailable):
+                await table.call("keys.get", {"link": "a", "number": n})  # only n - 2 left on Alice's side
+            st = (await table.call("keys.status", {"link": "a"}))["links"]["a"]
+            assert st["stores"]["alice"]["ready_keys"] == n - 2 and st["stores"]["bob"]["ready_keys"] == n - 2
+            text = str(st)
+            assert all(k["key"] not in text and base64.b64decode(k["key"]).hex() not in text for k in got["keys"])
+        finally:
+            await svc.stop()
+
+    asyncio.run(run())
+
+
+def test_rpc_refuses_delivery_without_curve(tmp_path):
+    import asyncio
+
+    from daemon.api import errors
+
+    async def run() -> None:
+        svc, table = _service(tmp_path, curve=False)
+        await svc.start()
+        try:
+            with pytest.raises(errors.DeliveryRefused):
+                await table.call("keys.get", {"link": "a"})
+            with pytest.raises(errors.DeliveryRefused):
+                await table.call("keys.get_by_id", {"link": "a", "key_ids": ["0c5b5c1e-3f7e-4d0a-9d0e-7f0f4b1c2a11"]})
+            assert set((await table.call("keys.status", {}))["links"]) == {"a", "b"}
+        finally:
+            await svc.stop()
+
+    asyncio.run(run())
