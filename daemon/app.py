@@ -196,6 +196,7 @@ class Daemon:
         keys = KeyService(self.cfg.qkd, self.cfg.analysis, pipeline, self.publisher, curve=self.cfg.curve is not None,
                           adjusting=self.control.adjusting if self.control is not None else None)
         try:
+            self.notifier.notify(STATUS="starting: compiling the key pipeline kernels (first run only)")
             seconds = await asyncio.to_thread(warm_up)
             await keys.start()
         except Exception as e:  # noqa: BLE001 - e.g. a damaged key store: no keys, but the lab keeps running
