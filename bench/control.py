@@ -212,6 +212,7 @@ def main() -> None:
           f"took {time.monotonic() - t0:.0f} s wall", flush=True)
     out.update(mean_qber_compensated=round(comp["mean_qber"], 5), mean_qber_uncompensated=round(unc["mean_qber"], 5),
                mean_qber_compensated_not_adjusting=round(comp["mean_qber_not_adjusting"], 5),
+               mean_max_qber_zx_compensated=round(comp["mean_max_qber_zx"], 5),
                key_bits_compensated=comp["key_bits"], key_bits_uncompensated=unc["key_bits"], f_ec=1.06,
                drift_rad2_per_s=a.drift, drift_sim_hours=a.hours, compensated=comp, uncompensated=unc)
     if a.daemon_minutes > 0:

@@ -8,8 +8,9 @@ tag generation. Per ``interval_s`` of simulated time it
 - draws Poisson coincidence counts of the 4x4 matrix (Alice H V D A x Bob H V D A) from
   ``BenchModel.expected_rates(window_ps)``: true coincidences in the window plus accidentals, at the
   paddles the loop commanded (set on the bench state as the simulated MPC320 would); an interval in which
-  paddles move sums the path they take (one paddle after the other, ``move_s_per_100deg``, in steps of at
-  most 5 degrees) and the setting reached, each for its share of the interval,
+  paddles move sums the path they take (one paddle after the other, in index order as the loop moves them,
+  or with ``order_moves`` in :meth:`Tracker.move_order`'s order, an experiment; ``move_s_per_100deg``, in
+  steps of at most 5 degrees) and the setting reached, each for its share of the interval,
 - hands the matrix to the same :class:`daemon.control.polmodel.Tracker` the daemon's loop uses, and when it
   proposes a move, applies it; the interval(s) spanned by the move (travel at ``move_s_per_100deg`` plus
   ``settle_s``) are flagged ``adjusting`` and neither feed the tracker nor count as key.
@@ -77,7 +78,8 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
         interval_s: float = 1.0, track_s: float = 5.0, memory_s: float = 30.0, min_gain: float = 0.003,
         move_s_per_100deg: float = 1.0, settle_s: float = 0.1, limits: tuple[float, float] = (0.0, 170.0),
         initial_unitary: str = "identity", move_penalty_per_deg: float = 3e-4,
-        drift_prior_rad2_per_s: float = 1e-4) -> dict[str, Any]:
+        drift_prior_rad2_per_s: float = 1e-4, jump_gain: float = 0.0,
+        order_moves: bool = False) -> dict[str, Any]:
     """One run; see the module doc. Returns mean/max QBER, moves, adjusting share, key bits, and ``rows``."""
     from drivers.sim.bench.model import PS_PER_S
 
@@ -87,7 +89,7 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
     cm = ChannelModel(bell, "bob", model.cfg.receivers.alice_angles_deg, model.cfg.receivers.bob_angles_deg,
                       limits[0], limits[1])
     tracker = Tracker(cm, memory_s=memory_s, min_gain=min_gain, move_weight=move_penalty_per_deg,
-                      drift_rad2_per_s=drift_prior_rad2_per_s)
+                      drift_rad2_per_s=drift_prior_rad2_per_s, jump_gain=jump_gain)
     paddles = [min(max(float(x), limits[0]), limits[1]) for x in model.state.paddles("bob")]
     for i, x in enumerate(paddles):
         model.state.set_paddle("bob", i, x)
@@ -98,6 +100,7 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
     from daemon.control.polarization import VERIFY_S as verify_s
     rows: list[dict] = []
     moves = 0
+    jumps = 0  # long moves below the urgent threshold (Tracker jump_gain)
     transit: list[tuple[float, list[float]]] = []  # (duration s, paddles) of a move in progress, in order
     for i in range(n_int):
         t0, t1 = i * interval_s, (i + 1) * interval_s
@@ -137,12 +140,13 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
         if t1 - last_track >= (min(track_s, verify_s) if verify else track_s):
             last_track = t1
             verify = False
-            target, _info = tracker.propose(t1, paddles)
+            target, info = tracker.propose(t1, paddles)
             if target is not None:
+                jumps += bool(info.get("jump"))
                 # the driver moves one paddle after the other; the path in steps of at most 5 degrees
                 cur = list(paddles)
                 travel_s = 0.0
-                for k in range(3):
+                for k in (tracker.move_order(paddles, target) if order_moves else range(3)):
                     d = target[k] - cur[k]
                     n = max(1, int(math.ceil(abs(d) / 5.0)))
                     for j in range(1, n + 1):
@@ -163,5 +167,8 @@ def run(hours: float = 1.0, drift_rad2_per_s: float = 1e-4, compensate: bool = T
     return {"hours": hours, "drift_rad2_per_s": drift_rad2_per_s, "compensate": compensate, "seed": seed,
             "mean_qber": float(q.mean()), "max_qber": float(q.max()),
             "mean_qber_not_adjusting": float(qk.mean()), "moves": moves,
+            "mean_qber_z": float(np.mean([r["qz"] for r in rows])), "mean_qber_x": float(np.mean([r["qx"] for r in rows])),
+            "mean_max_qber_zx": float(np.mean([max(r["qz"], r["qx"]) for r in rows])),
+            "jumps": jumps,
             "adjusting_share": 1 - len(kept) / len(rows), "fits": tracker.fits,
             **key_bits(rows), "rows": rows}

@@ -99,6 +99,9 @@ FIELDS: dict[str, Field] = {
                                   doc="tracking: predicted fidelity a degree of paddle travel must buy (the paddles "
                                       "pass through bad settings while they move): near, small moves; not applied "
                                       "while the predicted QBER is above threshold_qber, nor in runs"),
+    "track_jump_gain": Field(float, 0.0, min=0.0, max=1.0,
+                             doc="tracking: a long move (no travel penalty) even below threshold_qber when it "
+                                 "lowers the predicted max(QBER Z, X) by at least this (0: never, the default; see docs/control.md)"),
 }
 
 TOPICS: dict[str, dict[str, Any]] = {
@@ -297,7 +300,7 @@ class PolarizationLoop:
             self.tracker = Tracker(model, memory_s=self.cfg["memory_s"], min_gain=self.cfg["track_min_gain"],
                                    paddles=self.cfg["paddles"], drift_rad2_per_s=self.cfg["drift_prior_rad2_per_s"],
                                    move_weight=self.cfg["move_penalty_per_deg"],
-                                   urgent_qber=self.cfg["threshold_qber"])
+                                   urgent_qber=self.cfg["threshold_qber"], jump_gain=self.cfg["track_jump_gain"])
         return self.tracker
 
     def _track_feed(self, fields: dict[str, Any], t_begin: int, t_end: int) -> None:
@@ -345,7 +348,8 @@ class PolarizationLoop:
                 return
             prev = self.state
             self._moving = True
-            self.state, self.reason = "tracking", f"track: predicted QBER Z+X gain {info['gain']:.4f}"
+            self.state, self.reason = "tracking", (f"track: predicted QBER Z+X gain {info['gain']:.4f}"
+                                                   + (" (long move)" if info.get("jump") else ""))
             try:
                 for p in self.cfg["paddles"]:
                     if abs(target[p] - current[p]) >= 0.001:

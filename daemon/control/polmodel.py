@@ -311,8 +311,10 @@ class Tracker:
 
     def __init__(self, model: ChannelModel, *, memory_s: float = 30.0, min_gain: float = 0.002,
                  paddles: Sequence[int] = (0, 1, 2), refit_residual: float = 9.0, chunk_s: float = 5.0,
-                 drift_rad2_per_s: float = 1e-4, move_weight: float = 3e-4, urgent_qber: float = 0.03) -> None:
+                 drift_rad2_per_s: float = 1e-4, move_weight: float = 3e-4, urgent_qber: float = 0.03,
+                 jump_gain: float = 0.0) -> None:
         self.model = model
+        self.jump_gain = float(jump_gain)
         self.urgent_qber = float(urgent_qber)
         self.move_weight = float(move_weight)
         self.memory_s = float(memory_s)
@@ -373,6 +375,33 @@ class Tracker:
         q = self.model.qber(self.g, self.v, np.asarray(paddles, float))
         return float(q[0]), float(q[1])
 
+    def move_order(self, current: Sequence[float], target: Sequence[float]) -> list[int]:
+        """The order to move the paddles in (the driver moves one after the other): the permutation whose path
+        (in steps of at most 5 degrees) has the lowest predicted QBER Z + X summed over the degrees travelled; for a long
+        move the paddles pass through bad settings, and the order decides how bad."""
+        import itertools
+
+        idx = [k for k in self.paddles if abs(float(target[k]) - float(current[k])) >= 0.001]
+        if len(idx) < 2 or self.g is None or self.v is None:
+            return idx
+        best, best_cost = idx, math.inf
+        for order in itertools.permutations(idx):
+            pts, weights, cur = [], [], np.asarray(current, float).copy()
+            for k in order:
+                d = float(target[k]) - cur[k]
+                n = max(1, int(math.ceil(abs(d) / 5.0)))
+                for j in range(1, n + 1):
+                    q = cur.copy()
+                    q[k] = cur[k] + d * (j - 0.5) / n  # the middle of each step
+                    pts.append(q)
+                    weights.append(abs(d) / n)
+                cur[k] = float(target[k])
+            q = self.model.qber(self.g, self.v, np.stack(pts))
+            cost = float((q.sum(-1) * np.asarray(weights)).sum())
+            if cost < best_cost - 1e-12:
+                best, best_cost = list(order), cost
+        return best
+
     def propose(self, now_s: float, current: Sequence[float], force_global: bool = False,
                 min_gain: float | None = None, move_weight: float | None = None) -> tuple[list[float] | None, dict]:
         """(target paddles or None, info): fit, then the best setting if it gains at least min_gain."""
@@ -384,11 +413,24 @@ class Tracker:
         # urgent_qber) or for a run (move_weight given), the best setting wherever it is
         if move_weight is None:
             move_weight = self.move_weight if max(now_q) <= self.urgent_qber else 2e-5
+        penalized = move_weight > 2e-5
         target, fid = self.model.best_paddles(self.g, current, self.paddles, move_weight=move_weight)
         new_q = self.predicted(target)
+        jump = False
+        if penalized and self.jump_gain > 0 and max(new_q) - (1 - self.v) / 2 >= self.jump_gain:
+            # opt-in (jump_gain > 0, default off): the nearby setting leaves one basis well above the floor
+            # (near the controller's singular surface a small move cannot follow every direction of the drift);
+            # the best setting wherever it is, when it lowers max(QBER Z, X) by at least jump_gain, is taken
+            # even below urgent_qber. Off by default: such a move often follows data the fit's two-fold
+            # ambiguity is unresolved in, and in the daemon the long transits cost more than the gain
+            # (docs/control.md, measured)
+            far, far_fid = self.model.best_paddles(self.g, current, self.paddles, move_weight=2e-5, near_enough=2.0)
+            far_q = self.predicted(far)
+            if max(new_q) - max(far_q) >= self.jump_gain:
+                target, fid, new_q, jump = far, far_fid, far_q, True
         gain = sum(now_q) - sum(new_q)
         info = {"predicted_now": now_q, "predicted_target": new_q, "gain": gain, "fidelity": fid,
-                "visibility": self.v, "residual": self.residual}
+                "visibility": self.v, "residual": self.residual, "jump": jump}
         if gain < min_gain or max(abs(a - b) for a, b in zip(target, current)) < 0.01:
             return None, info
         return target, info
