@@ -632,7 +632,12 @@ def test_crash_at_random_points_leaves_both_sides_consistent(tmp_path):
                     break
             time.sleep(rnd.uniform(0.0, 0.02))
         proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        # read the rest through the same file objects: communicate() would read the pipe directly and lose
+        # what readline() has already buffered (acknowledgements lost, lines glued together)
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.stdout.close()
+        proc.stderr.close()
         assert proc.returncode == -signal.SIGKILL, err  # died by the kill, not by an error
         for line in (seen + out).split("\n")[:-1]:  # complete lines only: the kill may cut the last one
             tag, *rest = line.split()
