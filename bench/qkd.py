@@ -96,7 +96,8 @@ def block_figures(batches: list[TagBatch], analysis: dict, link: dict, block_bit
     cfg.update(block_bits=block_bits, window_ps=analysis["window_ps"])
 
     class _Pipe:
-        config = {"window_ps": analysis["window_ps"], "delays_ps": analysis["delays_ps"]}
+        def window_and_delays(self) -> tuple[int, dict[int, int]]:
+            return analysis["window_ps"], {i: int(d) for i, d in enumerate(analysis["delays_ps"]) if d}
 
     kl = KeyLink(link["name"], cfg, link, pipeline=_Pipe())
     blocks = [blk for b in batches for blk in kl.feed(b)]

@@ -360,6 +360,13 @@ class AnalysisPipeline:
         with self._lock:
             return copy.deepcopy(self._pending or self._cfg)
 
+    def window_and_delays(self) -> tuple[int, dict[int, int]]:
+        """The coincidence window and the per-channel delays in effect (or about to take effect), without copying
+        the whole configuration: the key pipeline reads them for every batch."""
+        with self._lock:
+            cfg = self._pending or self._cfg
+            return int(cfg["window_ps"]), _delays_dict(cfg["delays_ps"])
+
     def _build(self, cfg: dict[str, Any]) -> None:
         self._mode, pub_pairs = _pairs_of(cfg)
         all_pairs = list(pub_pairs)

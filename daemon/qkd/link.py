@@ -82,9 +82,9 @@ class KeyLink:
         self.log = log
         self.params = BlockParams(eps_sec=cfg["eps_sec"], eps_cor=cfg["eps_cor"], abort_qber=cfg["abort_qber"],
                                   key_size_bits=cfg["key_size_bits"])
-        self._window = self._current_window()
+        self._window, delays = self._settings()
         self.sifter = StreamSifter(tuple(link["alice"]), tuple(link["bob"]), self._window, link["bell_state"],
-                                   self._current_delays())
+                                   delays)
         self._acc = _Acc()
         self._guard = False  # drop the batch after an adjustment too
         self._lock = threading.Lock()  # status() reads from the event loop
@@ -98,20 +98,10 @@ class KeyLink:
         self.busy_s = 0.0
 
     # -- analysis thread -----------------------------------------------------------------------------------
-    def _current_window(self) -> int:
-        if self.cfg["window_ps"]:
-            return int(self.cfg["window_ps"])
-        if self.pipeline is not None:
-            return int(self.pipeline.config["window_ps"])
-        return 1000
-
-    def _current_delays(self) -> dict[int, int]:
-        if self.pipeline is None:
-            return {}
-        delays = self.pipeline.config["delays_ps"]
-        if isinstance(delays, dict):
-            return {int(k): int(v) for k, v in delays.items()}
-        return {i: int(d) for i, d in enumerate(delays)}
+    def _settings(self) -> tuple[int, dict[int, int]]:
+        """(window, delays) for sifting: the link's own window if set, else the analysis pipeline's."""
+        window, delays = self.pipeline.window_and_delays() if self.pipeline is not None else (1000, {})
+        return int(self.cfg["window_ps"] or window), delays
 
     def reset(self) -> None:
         """A new stream: drop the carried tags (the partial block is kept: its bits are valid)."""
@@ -120,17 +110,17 @@ class KeyLink:
     def feed(self, batch: TagBatch) -> list[Block]:
         """Sift one batch; return the blocks it completed."""
         t0 = time.perf_counter()
-        window = self._current_window()
+        window, delays = self._settings()
         if window != self._window:
             counters = self.sifter.counters
             self.sifter = StreamSifter(tuple(self.link["alice"]), tuple(self.link["bob"]), window,
-                                       self.link["bell_state"], self._current_delays())
+                                       self.link["bell_state"], delays)
             self.sifter.counters = counters
             self._window = window
         adjusting = bool(self.adjusting())
         broken = bool(batch.flags) or batch.missed_events > 0
         r = self.sifter.feed(batch.timestamps, batch.channels, batch.t_begin, batch.t_end, broken=broken,
-                             delays_ps=self._current_delays())
+                             delays_ps=delays)
         blocks: list[Block] = []
         if adjusting or self._guard:
             self.discarded_adjusting_bits += r.sifted

@@ -163,11 +163,15 @@ class KeyService:
 
         self._loop = asyncio.get_running_loop()
         for name, link in self.links.items():
-            stores = await self.workers[name].call(lambda n=name: LinkKeyStores(self.store_dir, n), 60.0)
+            def open_stores(n: str = name) -> tuple[Any, int | None]:  # SQLite I/O: in the link's thread
+                st = LinkKeyStores(self.store_dir, n)
+                return st, st.alice.status(n).get("ready_keys")
+
+            stores, ready = await self.workers[name].call(open_stores, 60.0)
             link.stores = stores
             self.stores[name] = stores
             self.log.info("key store open", link=name, directory=str(self.store_dir), recovered=stores.recovered,
-                          ready_keys=stores.alice.status(name).get("ready_keys"))
+                          ready_keys=ready)
             self._queues[name] = asyncio.Queue()
             self._tasks.append(asyncio.create_task(self._blocks(name), name=f"keys.{name}"))
 

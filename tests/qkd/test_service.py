@@ -46,8 +46,8 @@ def test_store_dir_default(monkeypatch, tmp_path):
 
 
 class _Pipe:
-    def __init__(self) -> None:
-        self.config = {"window_ps": 1000, "delays_ps": [0] * 8}
+    def window_and_delays(self) -> tuple[int, dict[int, int]]:
+        return 1000, {}
 
 
 def _batches(rng, n_batches: int, pairs_per_batch: int, span: int = 10**9):
