@@ -24,7 +24,6 @@ the keys (both sides under the same IDs, :class:`daemon.qkd.keystore.LinkKeyStor
 
 from __future__ import annotations
 
-import math
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -72,13 +71,6 @@ class BlockOutcome:
     finite_key: dict[str, Any] | None = None
     key_ids: list[str] = field(default_factory=list)
     keys: list[np.ndarray] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        """Every public figure (never key bits)."""
-        return {"ok": self.ok, "stage": self.stage, "reason": self.reason, "key_bits_in": self.n,
-                "estimation_bits": self.k, "errors_x": self.errors_x, "errors_z": self.errors_z,
-                "qber_x": self.qber_x, "qber_z": self.qber_z, "leak_ec": self.leak_ec, "efficiency": self.efficiency,
-                "final_bits": self.final_bits, "keys": len(self.key_ids)}
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -234,9 +226,3 @@ def run_block(alice_z: np.ndarray, alice_x: np.ndarray, bob_z: np.ndarray, bob_x
 def _wire_figures(a_end: LoopbackEnd, b_end: LoopbackEnd) -> dict[str, Any]:
     return {"messages": a_end.sent.messages + b_end.sent.messages, "bytes": a_end.sent.bytes + b_end.sent.bytes,
             "leak_bits": a_end.sent.leak_bits + b_end.sent.leak_bits, "round_trips": a_end.round_trips}
-
-
-def expected_key_fraction(qber: float, f: float = 1.06) -> float:
-    """Asymptotic secret fraction 1 - h(Q) - f h(Q) (for sizing blocks in docs and benches)."""
-    h = binary_entropy(qber) if 0 < qber < 0.5 else (0.0 if qber <= 0 else 1.0)
-    return max(0.0, 1.0 - h - f * h) if not math.isnan(h) else 0.0
